@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: they build .venv and install what is needed.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck guests qemu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# QEMU is the benchmark baseline and is used by one boot test; best effort, tests skip without it.
+qemu:
+	@command -v qemu-system-x86_64 >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null) ; } || \
+	  echo "note: qemu-system-x86_64 not installed; QEMU tests and baselines will be skipped"
+
+demo: setup
+	$(VENV)/bin/livemig demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+typecheck: setup
+	$(VENV)/bin/mypy src
+
+test: setup qemu lint typecheck
+	$(VENV)/bin/pytest -q
+
+# Guest images are committed; rebuilding needs gcc (x86) and gcc-aarch64-linux-gnu (arm64).
+guests:
+	$(MAKE) -C guests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,214 @@
+"""The Machine contract: what the migration engine may know about a machine.
+
+The engine (`livemig.migration`) imports this module and nothing of a backend. Each backend
+(`livemig.machine` for x86-64 on KVM, `livemig.arm` for the emulated ARMv8 board) implements
+`Machine` and `GuestMemory`. When a feature needs something new from a machine, it is added here
+and every backend implements it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import msgpack
+import numpy as np
+
+from livemig.probe import ProbeLog
+
+PAGE_SIZE = 4096
+
+# Bumped whenever the layout of MachineState or of any backend's state blob changes.
+STATE_FORMAT_VERSION = 1
+
+
+class MachineError(Exception):
+    """Base of every error a machine reports; the message is meant for the user as is."""
+
+
+class ConfigError(MachineError):
+    """The configuration asks for something this host or backend cannot give."""
+
+
+class ImageError(MachineError):
+    """The guest image is missing or not in a format the loader understands."""
+
+
+class StateError(MachineError):
+    """A saved state cannot be loaded here (version, architecture, CPU model, damage)."""
+
+
+class Arch(enum.Enum):
+    """Guest architecture; a state is only ever loaded into a machine of the same one."""
+
+    X86_64 = "x86_64"
+    ARM64 = "arm64"
+
+
+@dataclass
+class MachineConfig:
+    """What a machine is made of: enough to build an identical, empty one elsewhere."""
+
+    arch: Arch
+    mem_size: int
+    vcpus: int = 1
+    image: str = ""
+    cmdline: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.value,
+            "mem_size": self.mem_size,
+            "vcpus": self.vcpus,
+            "image": self.image,
+            "cmdline": self.cmdline,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
+        try:
+            return cls(
+                arch=Arch(d["arch"]),
+                mem_size=int(d["mem_size"]),
+                vcpus=int(d["vcpus"]),
+                image=str(d.get("image", "")),
+                cmdline=str(d.get("cmdline", "")),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise StateError(f"malformed machine config: {e}") from e
+
+
+# Each vCPU's and the VM's state is a flat map of named blobs (bytes, ints, lists of ints, ...),
+# each backend documenting its names. Keeping the tree this shape lets it be written with
+# msgpack and compared field by field without the engine knowing what the fields mean.
+StateMap = dict[str, Any]
+
+
+@dataclass
+class MachineState:
+    """Everything but RAM: per-vCPU, VM-level and device state, with what it belongs to."""
+
+    arch: Arch
+    cpu_model: str
+    vcpus: list[StateMap]
+    vm: StateMap = field(default_factory=dict)
+    devices: dict[str, StateMap] = field(default_factory=dict)
+    version: int = STATE_FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        """Serialise with msgpack (no pickle): a map with the keys of this dataclass."""
+        return msgpack.packb(
+            {
+                "version": self.version,
+                "arch": self.arch.value,
+                "cpu_model": self.cpu_model,
+                "vcpus": self.vcpus,
+                "vm": self.vm,
+                "devices": self.devices,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> MachineState:
+        """Inverse of `encode`; raises StateError on damaged input or another format version."""
+        try:
+            d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises several unrelated types on bad input
+            raise StateError(f"machine state is not valid msgpack: {e}") from e
+        if not isinstance(d, dict) or "version" not in d:
+            raise StateError("machine state has no version field")
+        if d["version"] != STATE_FORMAT_VERSION:
+            raise StateError(
+                f"machine state has format version {d['version']}, "
+                f"this livemig reads version {STATE_FORMAT_VERSION}"
+            )
+        try:
+            return cls(
+                arch=Arch(d["arch"]),
+                cpu_model=str(d["cpu_model"]),
+                vcpus=list(d["vcpus"]),
+                vm=dict(d["vm"]),
+                devices=dict(d["devices"]),
+                version=int(d["version"]),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise StateError(f"malformed machine state: {e}") from e
+
+    def check_compatible(self, arch: Arch, cpu_model: str, vcpus: int) -> None:
+        """Raise StateError unless this state fits a machine of that arch, CPU model and size."""
+        if self.arch is not arch:
+            raise StateError(
+                f"state is for a {self.arch.value} machine, this machine is {arch.value}"
+            )
+        if self.cpu_model != cpu_model:
+            raise StateError(
+                f"state is for CPU model {self.cpu_model!r}, this machine has {cpu_model!r}"
+            )
+        if len(self.vcpus) != vcpus:
+            raise StateError(f"state has {len(self.vcpus)} vCPUs, this machine has {vcpus}")
+
+
+@runtime_checkable
+class GuestMemory(Protocol):
+    """Guest RAM as one host mapping, page-indexed, with dirty tracking."""
+
+    size: int
+    page_size: int
+    fd: int | None  # memfd behind RAM when it can be handed over, else None
+
+    def view(self) -> memoryview:
+        """Writable host mapping of all of RAM; byte i is guest RAM offset i."""
+        ...
+
+    def start_dirty_log(self) -> None:
+        """Begin tracking writes; every page counts as clean from now."""
+        ...
+
+    def fetch_dirty(self) -> np.ndarray:
+        """Bool per page: written (by guest or hypervisor) since the last fetch; clears."""
+        ...
+
+    def stop_dirty_log(self) -> None: ...
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A machine the engine can pause, capture, rebuild and resume."""
+
+    config: MachineConfig
+    memory: GuestMemory
+    probe: ProbeLog  # heartbeats and results the guest reported, host-timestamped
+
+    @property
+    def cpu_model(self) -> str:
+        """Names the CPU a saved state is bound to; loading needs an equal model."""
+        ...
+
+    def start(self) -> None:
+        """Boot the image (fresh machine) or run from loaded state."""
+        ...
+
+    def pause(self) -> None:
+        """Return once every vCPU is parked outside guest mode."""
+        ...
+
+    def resume(self) -> None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def save_state(self) -> MachineState:
+        """Capture vCPU, VM-level and device state; the machine must be paused."""
+        ...
+
+    def load_state(self, state: MachineState) -> None:
+        """Adopt a saved state; raises StateError before changing anything if it cannot."""
+        ...
+
+    def set_throttle(self, fraction: float) -> None:
+        """Keep vCPUs out of guest mode for `fraction` (0..0.99) of the time (auto-converge)."""
+        ...
+
+    def close(self) -> None: ...
