@@ -178,8 +178,13 @@ class Machine(Protocol):
     """A machine the engine can pause, capture, rebuild and resume."""
 
     config: MachineConfig
-    memory: GuestMemory
     probe: ProbeLog  # heartbeats and results the guest reported, host-timestamped
+    error: str | None  # why the guest stopped by itself (crash, failed VM entry), else None
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest RAM."""
+        ...
 
     @property
     def cpu_model(self) -> str:

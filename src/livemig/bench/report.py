@@ -1,0 +1,204 @@
+"""Benchmark reports: medians over repeats, livemig/QEMU ratios, raw-copy fraction, output.
+
+Both sides are plain dicts with livemig's result keys (``status``, ``mode``, ``total_ms``,
+``downtime_ms``, ``setup_ms``, ``rounds``, ``bytes_sent``, ``pages: {raw, zero}``,
+``guest_gap_ms``); extra keys are carried along. A report is shaped::
+
+    {"scenario": ..., "livemig": {...}, "qemu": {...},
+     "ratios": {"total": x, "downtime": y, "bytes": z},
+     "raw_copy_fraction": f, "raw_copy_bytes_per_s": r, "livemig_bytes_per_s": t}
+
+A ratio is livemig / QEMU (below 1 means livemig is smaller, i.e. better); it is None when
+either side lacks the figure or QEMU's is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeGuard
+
+from rich.console import Console
+from rich.table import Table
+
+RATIO_KEYS = {"total": "total_ms", "downtime": "downtime_ms", "bytes": "bytes_sent"}
+
+# (label, key path, unit) of the rows printed in the table.
+TABLE_ROWS: list[tuple[str, tuple[str, ...], str]] = [
+    ("status", ("status",), ""),
+    ("mode", ("mode",), ""),
+    ("total", ("total_ms",), "ms"),
+    ("downtime", ("downtime_ms",), "ms"),
+    ("guest gap", ("guest_gap_ms",), "ms"),
+    ("setup", ("setup_ms",), "ms"),
+    ("rounds", ("rounds",), ""),
+    ("bytes sent", ("bytes_sent",), "MiB"),
+    ("pages raw", ("pages", "raw"), ""),
+    ("pages zero", ("pages", "zero"), ""),
+]
+
+
+def _is_number(v: object) -> TypeGuard[int | float]:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _median_value(values: list[Any]) -> Any:
+    """Median of numbers (ints stay ints when the median is whole), else the most common."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(_is_number(v) for v in present):
+        m = statistics.median(present)
+        if all(isinstance(v, int) for v in present) and float(m).is_integer():
+            return int(m)
+        return float(m)
+    if all(isinstance(v, Mapping) for v in present):
+        return _median_mapping(present)
+    try:
+        return statistics.mode(present)
+    except TypeError:  # unhashable, e.g. lists: keep the first
+        return present[0]
+
+
+def _median_mapping(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    keys: list[str] = []
+    for r in runs:
+        keys.extend(k for k in r if k not in keys)
+    return {k: _median_value([r.get(k) for r in runs]) for k in keys}
+
+
+def median_dict(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Key-wise median of result dicts from repeats of one scenario (nested dicts too).
+
+    Numbers take the median over the runs that have them; other values (``mode``...) the most
+    common one. ``status`` is "completed" only when every run completed, else the first other
+    status. ``repeats`` is set to the number of runs.
+    """
+    if not runs:
+        raise ValueError("no runs to take a median of")
+    out = _median_mapping(runs)
+    if "status" in out:
+        statuses = [r.get("status") for r in runs]
+        others = [s for s in statuses if s != "completed"]
+        out["status"] = others[0] if others else "completed"
+    out["repeats"] = len(runs)
+    return out
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    """a / b when both are numbers and b is non-zero, else None."""
+    if not (_is_number(a) and _is_number(b)) or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def ratios(livemig: Mapping[str, Any], qemu: Mapping[str, Any]) -> dict[str, float | None]:
+    """livemig / QEMU for total time, downtime and bytes on the wire."""
+    return {name: ratio(livemig.get(key), qemu.get(key)) for name, key in RATIO_KEYS.items()}
+
+
+def throughput(result: Mapping[str, Any]) -> float | None:
+    """Migration throughput in bytes/s: ``bytes_sent`` over ``total_ms``.
+
+    A result may give its own figure as ``bytes_per_s``, which is then used instead.
+    """
+    own = result.get("bytes_per_s")
+    if _is_number(own):
+        return float(own)
+    total_ms = result.get("total_ms")
+    if not _is_number(total_ms) or total_ms <= 0:
+        return None
+    b = result.get("bytes_sent")
+    return float(b) * 1000.0 / float(total_ms) if _is_number(b) else None
+
+
+def raw_copy_fraction(livemig: Mapping[str, Any], raw_copy_bytes_per_s: float | None,
+                      ) -> float | None:
+    """livemig's migration throughput as a fraction of the raw-copy yardstick (goal: >= 0.7)."""
+    if raw_copy_bytes_per_s is None:
+        return None
+    return ratio(throughput(livemig), raw_copy_bytes_per_s)
+
+
+def build_report(scenario: str, livemig: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                 qemu: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                 raw_copy_bytes_per_s: float | None = None) -> dict[str, Any]:
+    """The JSON-ready report of one scenario.
+
+    ``livemig`` and ``qemu`` are one result dict each, or a list of repeats (their median is
+    reported). ``raw_copy_bytes_per_s`` is the yardstick from `rawcopy.measure_raw_copy`.
+    """
+    lm = median_dict(livemig) if not isinstance(livemig, Mapping) else dict(livemig)
+    qm = median_dict(qemu) if not isinstance(qemu, Mapping) else dict(qemu)
+    return {
+        "scenario": scenario,
+        "livemig": lm,
+        "qemu": qm,
+        "ratios": ratios(lm, qm),
+        "raw_copy_fraction": raw_copy_fraction(lm, raw_copy_bytes_per_s),
+        "raw_copy_bytes_per_s": raw_copy_bytes_per_s,
+        "livemig_bytes_per_s": throughput(lm),
+    }
+
+
+def report_json(report: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """A report (or a list of them) as indented JSON."""
+    return json.dumps(report, indent=2, sort_keys=False)
+
+
+def _get(d: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = d
+    for k in path:
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(k)
+    return cur
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if unit == "MiB" and _is_number(v):
+        return f"{v / (1 << 20):,.1f} MiB"
+    if isinstance(v, float):
+        return f"{v:,.1f}{' ' + unit if unit else ''}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}{' ' + unit if unit else ''}"
+    return str(v)
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def report_table(report: Mapping[str, Any]) -> Table:
+    """A rich table of one report: one row per figure, livemig | QEMU | ratio."""
+    table = Table(title=f"scenario: {report.get('scenario', '?')}")
+    table.add_column("figure")
+    table.add_column("livemig", justify="right")
+    table.add_column("QEMU", justify="right")
+    table.add_column("livemig/QEMU", justify="right")
+    lm, qm = report.get("livemig", {}), report.get("qemu", {})
+    by_key = {key: name for name, key in RATIO_KEYS.items()}
+    rats = report.get("ratios", {})
+    for label, path, unit in TABLE_ROWS:
+        a, b = _get(lm, path), _get(qm, path)
+        if a is None and b is None:
+            continue
+        name = by_key.get(path[0]) if len(path) == 1 else None
+        r = rats.get(name) if name in rats else ratio(a, b)
+        table.add_row(label, _fmt(a, unit), _fmt(b, unit), _fmt_ratio(r))
+    raw = report.get("raw_copy_bytes_per_s")
+    if raw is not None:
+        tp = report.get("livemig_bytes_per_s")
+        frac = report.get("raw_copy_fraction")
+        table.add_row("throughput", _fmt(tp, "MiB") + "/s", "", "")
+        table.add_row("raw copy", _fmt(raw, "MiB") + "/s", "",
+                      "-" if frac is None else f"{frac:.2f} of raw")
+    return table
+
+
+def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
+    """Print one report as a rich table."""
+    (console or Console()).print(report_table(report))

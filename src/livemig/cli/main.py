@@ -1,0 +1,163 @@
+"""The `livemig` command."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from typing import Any
+
+import click
+
+from livemig import snapshot
+from livemig.cli.control import ControlError, request
+from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
+from livemig.contract import Arch, MachineConfig, MachineError
+
+EXIT_USAGE = 2
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '4096' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 512M, 1G)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except click.BadParameter as e:
+            self.fail(str(e.message), param, ctx)
+
+
+SIZE = SizeType()
+ARCH = click.Choice([a.value for a in Arch])
+
+
+@click.group()
+def cli() -> None:
+    """livemig: run machines and move them between hosts while they run."""
+
+
+def serve_machine(host: MachineHost, quiet: bool = False) -> None:
+    if not quiet:
+        click.echo(f"livemig: control socket {host.control.path}", err=True)
+    reason = host.serve()
+    if not quiet:
+        click.echo(f"livemig: machine ended: {reason}", err=True)
+    if reason.startswith("guest stopped"):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--mem", type=SIZE, default="256M", show_default=True, help="guest RAM")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--append", "cmdline", default="", help="guest command line, e.g. 'wss=100M'")
+@click.option("--arch", type=ARCH, default="x86_64", show_default=True)
+@click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
+@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
+        control: str | None) -> None:
+    """Run a machine in the foreground; Ctrl-C stops it."""
+    config = MachineConfig(Arch(arch), mem, vcpus, image, cmdline)
+    sink, close = open_console(console)
+    machine = build_machine(config, sink)
+    try:
+        machine.start()
+        host = MachineHost(machine, control or default_control_path(), close)
+    except BaseException:
+        machine.close()
+        raise
+    serve_machine(host)
+
+
+@cli.command()
+@click.argument("socket_path", metavar="SOCKET")
+@click.argument("command")
+@click.argument("args", nargs=-1)
+def ctl(socket_path: str, command: str, args: tuple[str, ...]) -> None:
+    """Send COMMAND (status, pause, resume, save, quit, ...) to a machine; ARGS are key=value."""
+    kw: dict[str, Any] = {}
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq:
+            raise click.BadParameter(f"argument {a!r} is not key=value")
+        kw[key] = json.loads(value) if value[:1] in "[{0123456789tfn\"" else value
+    reply = request(socket_path, command, **kw)
+    click.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("socket_path", metavar="SOCKET")
+@click.argument("file")
+@click.option("--stop", is_flag=True, help="stop the machine once saved")
+def save(socket_path: str, file: str, stop: bool) -> None:
+    """Write RAM and state of a running machine to FILE."""
+    reply = request(socket_path, "save", timeout=600, path=file, stop=stop)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "save failed"))
+    click.echo(f"saved {reply['bytes']} bytes to {reply['path']} "
+               f"(guest paused {reply['paused_ms']} ms)")
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
+@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+def restore(file: str, console: str, control: str | None) -> None:
+    """Resume a machine from a snapshot FILE, where it stopped."""
+    snap = snapshot.read(file)
+    sink, close = open_console(console)
+    machine = build_machine(snap.config, sink)
+    try:
+        snapshot.restore_into(snap, machine)
+        machine.start()
+        host = MachineHost(machine, control or default_control_path(), close)
+    except BaseException:
+        machine.close()
+        raise
+    serve_machine(host)
+
+
+def _add_optional_commands() -> None:
+    """Commands living in other modules register themselves through `add_commands(cli)`."""
+    for name in ("livemig.cli.migrate_cmds", "livemig.cli.demo", "livemig.cli.bench_cmds"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        mod.add_commands(cli)
+
+
+_add_optional_commands()
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit with status 2, without a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (MachineError, ControlError) as e:
+        click.echo(f"livemig: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,96 @@
+"""Versioned hello and feature negotiation.
+
+HELLO payload (source -> destination), WELCOME payload (destination -> source):
+
+    4 bytes  b"LMIG"
+    u16      lowest protocol version the sender speaks (WELCOME: chosen version)
+    u16      highest protocol version the sender speaks (WELCOME: chosen version again)
+    msgpack  {"features": [str], "encodings": [str], "software": str}
+
+The fixed prefix never changes, so two livemig of any version can tell each other apart. The
+destination picks the highest common version and answers with the features and page
+encodings it accepts among those offered; the source then uses nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+
+from livemig.migration.errors import ProtocolError, VersionError
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+HELLO_MAGIC = b"LMIG"
+_PREFIX = struct.Struct("<4sHH")
+
+# Optional features; a peer that does not list one does not get it.
+FEATURE_VERIFY = "verify-memory"  # VERIFY record with keyed BLAKE3 per page
+FEATURE_ROUND_ACK = "round-ack"  # destination answers ROUND_END with ROUND_ACK
+FEATURE_REPORT = "report"  # destination sends REPORT after RUNNING
+KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT)
+
+
+@dataclass
+class Hello:
+    """What one side offers (HELLO) or what the destination chose (WELCOME)."""
+
+    min_version: int = MIN_PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+    features: list[str] = field(default_factory=lambda: list(KNOWN_FEATURES))
+    encodings: list[str] = field(default_factory=list)
+    software: str = "livemig"
+
+    def encode(self) -> bytes:
+        body = {"features": self.features, "encodings": self.encodings, "software": self.software}
+        return _PREFIX.pack(HELLO_MAGIC, self.min_version, self.max_version) + msgpack.packb(body)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Hello:
+        """Parse a HELLO or WELCOME payload; ProtocolError if it is not one."""
+        if len(data) < _PREFIX.size:
+            raise ProtocolError(f"hello too short ({len(data)} bytes)")
+        magic, lo, hi = _PREFIX.unpack_from(data)
+        if magic != HELLO_MAGIC:
+            raise ProtocolError(f"bad hello magic {magic!r}")
+        try:
+            body = msgpack.unpackb(bytes(data[_PREFIX.size :]), raw=False)
+            feats = [str(f) for f in body["features"]]
+            encs = [str(e) for e in body["encodings"]]
+            soft = str(body.get("software", ""))
+        except Exception as e:
+            raise ProtocolError(f"malformed hello body: {e}") from e
+        return cls(lo, hi, feats, encs, soft)
+
+
+def choose(offer: Hello, mine: Hello) -> Hello:
+    """Destination side: answer `offer` from what this side supports (`mine`)."""
+    lo = max(offer.min_version, mine.min_version)
+    hi = min(offer.max_version, mine.max_version)
+    if lo > hi:
+        raise VersionError(
+            f"no common protocol version: peer speaks {offer.min_version}..{offer.max_version},"
+            f" this livemig speaks {mine.min_version}..{mine.max_version}"
+        )
+    feats = [f for f in offer.features if f in mine.features]
+    encs = [e for e in offer.encodings if e in mine.encodings]
+    return Hello(hi, hi, feats, encs, mine.software)
+
+
+def check_welcome(welcome: Hello, offer: Hello) -> int:
+    """Source side: accept the destination's choice or raise; returns the chosen version."""
+    v = welcome.min_version
+    if welcome.min_version != welcome.max_version or not (
+        offer.min_version <= v <= offer.max_version
+    ):
+        raise VersionError(
+            f"destination answered with protocol version {welcome.min_version}"
+            f"..{welcome.max_version}, this livemig speaks {offer.min_version}..{offer.max_version}"
+        )
+    extra = set(welcome.features) - set(offer.features)
+    extra |= set(welcome.encodings) - set(offer.encodings)
+    if extra:
+        raise ProtocolError(f"destination chose things never offered: {sorted(extra)}")
+    return v
