@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from unicorn import Uc
 from unicorn import arm64_const as A
+from unicorn.unicorn_py3.arch.arm64 import UcAArch64 as Uc
 
 from livemig.contract import StateError
 
@@ -77,9 +77,9 @@ def capture(uc: Uc) -> dict[str, Any]:
     s["pstate"] = pstate
     # QEMU keeps the SP of the current SPSel in X31 and the other in sp_el[]
     sp, el = uc.reg_read(A.UC_ARM64_REG_SP), (pstate >> 2) & 3
-    if pstate & 1:  # SPSel = 1: SP is SP_ELx
-        s["sp_el0"], s["sp_el1"] = uc.cpr_read(*SP_EL0), sp if el == 1 else uc.cpr_read(*SP_EL1)
-    else:
+    if el == 1 and pstate & 1:  # EL1h: SP is SP_EL1
+        s["sp_el0"], s["sp_el1"] = uc.cpr_read(*SP_EL0), sp
+    else:  # EL1t or EL0: SP is SP_EL0
         s["sp_el0"], s["sp_el1"] = sp, uc.cpr_read(*SP_EL1)
     for n, enc in SYSREGS.items():
         s[n] = uc.cpr_read(*enc)
@@ -115,10 +115,9 @@ def apply(uc: Uc, s: dict[str, Any]) -> None:
         uc.reg_write(r, int.from_bytes(s[n], "little"))
     for n, r in SPECIAL.items():
         uc.reg_write(r, s[n])
-    el = (s["pstate"] >> 2) & 3
-    if s["pstate"] & 1:
+    if (s["pstate"] >> 2) & 3 == 1 and s["pstate"] & 1:
         uc.cpr_write(*SP_EL0, s["sp_el0"])
-        uc.reg_write(A.UC_ARM64_REG_SP, s["sp_el1"] if el == 1 else s["sp_el0"])
+        uc.reg_write(A.UC_ARM64_REG_SP, s["sp_el1"])
     else:
         uc.cpr_write(*SP_EL1, s["sp_el1"])
         uc.reg_write(A.UC_ARM64_REG_SP, s["sp_el0"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -13,7 +14,7 @@ import click
 from livemig import snapshot
 from livemig.cli.control import ControlError, request
 from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
-from livemig.contract import Arch, MachineConfig, MachineError
+from livemig.contract import Arch, ImageError, MachineConfig, MachineError
 
 EXIT_USAGE = 2
 
@@ -70,6 +71,8 @@ def serve_machine(host: MachineHost, quiet: bool = False) -> None:
 def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
         control: str | None) -> None:
     """Run a machine in the foreground; Ctrl-C stops it."""
+    if not os.path.isfile(image):
+        raise ImageError(f"guest image {image} does not exist")
     config = MachineConfig(Arch(arch), mem, vcpus, image, cmdline)
     sink, close = open_console(console)
     machine = build_machine(config, sink)

@@ -13,6 +13,7 @@ from livemig.kvm.errors import KvmError, KvmUnavailable, KvmUnsupported
 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_PIT_SPEAKER_DUMMY = 1
 
 
 def _check(op: str, ret: int, err: int, hint: str = "") -> int:
@@ -116,7 +117,10 @@ class Vm:
         _check("KVM_CREATE_IRQCHIP", *K.raw_ioctl(self.fd, K.KVM_CREATE_IRQCHIP, None))
 
     def create_pit2(self) -> None:
-        cfg = ctypes.create_string_buffer(S.SIZE_PIT_CONFIG)  # flags 0: in-kernel speaker port
+        # KVM_PIT_SPEAKER_DUMMY: the kernel also answers port 0x61 (gate and output of
+        # channel 2), which guests use to calibrate their clocks.
+        cfg = ctypes.create_string_buffer(S.SIZE_PIT_CONFIG)
+        ctypes.c_uint32.from_buffer(cfg).value = KVM_PIT_SPEAKER_DUMMY
         _check("KVM_CREATE_PIT2", *K.raw_ioctl(self.fd, K.KVM_CREATE_PIT2, cfg))
 
     def set_memory_region(self, slot: int, guest_phys: int, size: int, host_addr: int,

@@ -109,6 +109,8 @@ class VcpuThread:
     def _loop(self) -> None:
         while self._park_if_asked():
             err = self.vcpu.run_once()
+            if err == errno.EAGAIN:  # an AP woke from wait-for-SIPI: enter again
+                continue
             if err == errno.EINTR:
                 if self.throttle > 0:
                     time.sleep(THROTTLE_SLICE * self.throttle / (1.0 - self.throttle))
@@ -145,7 +147,8 @@ class VcpuThread:
             code = run.exit.fail_entry.hardware_entry_failure_reason
             return f"VM entry failed, hardware reason {code:#x}"
         elif reason == ExitReason.INTERNAL_ERROR:
-            return f"KVM internal error, suberror {run.exit.internal.suberror}"
+            rip = self.vcpu.get_regs().rip
+            return f"KVM internal error, suberror {run.exit.internal.suberror} at rip {rip:#x}"
         elif reason == ExitReason.SYSTEM_EVENT:
             return f"guest system event {run.exit.system_event.type} (reset or power off)"
         else:

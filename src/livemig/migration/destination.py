@@ -213,7 +213,8 @@ class Destination:
         self.stats.status = "completed"
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         if hello_mod.FEATURE_REPORT in self.features:
-            first = self._first_heartbeat(started)
+            beating = bool(self.source_probe.get("last_heartbeat"))
+            first = self._first_heartbeat(started) if beating else None
             try:
                 send_record(self.sock, RecordType.REPORT, records.pack({"first_heartbeat": first}))
             except MigrationError:

@@ -1,0 +1,5 @@
+"""`python -m livemig` is the `livemig` command."""
+
+from livemig.cli.main import main
+
+main()

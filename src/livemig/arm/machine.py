@@ -1,0 +1,281 @@
+"""Armv8Machine: the emulated ARMv8 board (unicorn), implementing livemig's Machine contract.
+
+Board: RAM at guest-physical RAM_BASE (0x4000_0000, as on QEMU virt), a PL011 UART at
+0x0900_0000, the probe at PROBE_MMIO_BASE (0x0A00_0000).  One unicorn instance per vCPU, each
+run by its own thread in slices (`emu_start` with a timeout; ctypes releases the GIL while the
+guest runs), all mapping the same memfd RAM.  Boot ABI and state layout: docs/guest-abi.md and
+docs/arm-state.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+import unicorn
+from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, UC_PROT_ALL, UcError
+from unicorn import arm64_const as A
+from unicorn.unicorn_py3.arch.arm64 import UcAArch64 as Uc
+
+from livemig.arm import regs
+from livemig.arm.devices import UART_BASE, UART_SIZE, Console, Pl011, ProbeDevice
+from livemig.arm.loader import RAM_BASE, load_image, place_cmdline
+from livemig.arm.memory import ArmMemory
+from livemig.contract import (
+    Arch,
+    ConfigError,
+    MachineConfig,
+    MachineError,
+    MachineState,
+    StateError,
+)
+from livemig.probe import PROBE_MMIO_BASE, ProbeLog
+
+CPU_MODEL = "unicorn-cortex-a72"
+MAX_VCPUS = 4
+MIN_MEM = 16 << 20
+MAX_MEM = 4 << 30  # the guests' identity map covers RAM_BASE .. RAM_BASE + 4 GiB
+SLICE_US = 20_000  # longest a vCPU runs before its thread looks at pause/throttle requests
+_IDLE_S = 0.002  # a slice that ends by itself this early means WFI: sleep before re-entering
+_NEVER = 0xFFFF_FFFF_FFFF_FFFC  # `until` address no guest reaches
+_U64 = (1 << 64) - 1
+
+
+class _Vcpu:
+    def __init__(self, index: int, uc: Uc) -> None:
+        self.index = index
+        self.uc = uc
+        self.thread: threading.Thread | None = None
+        self.parked = True
+        self.fault: str | None = None
+
+
+class Armv8Machine:
+    """An ARMv8 board of 1-4 emulated Cortex-A72 cores (unicorn), memfd RAM, PL011, probe."""
+
+    def __init__(self, config: MachineConfig, console: Console = None) -> None:
+        _check_config(config)
+        self.config = config
+        self.memory = ArmMemory(config.mem_size)
+        self.probe = ProbeLog()
+        self.uart = Pl011(config.vcpus, console)
+        self._ram = self.memory.view()
+        self._probe_dev = ProbeDevice(self.probe, self._ram, RAM_BASE, config.vcpus)
+        self._cond = threading.Condition()
+        self._run_wanted = False
+        self._closing = False
+        self._started = False
+        self._state_loaded = False
+        self._throttle = 0.0
+        self._vcpus = [self._make_vcpu(i) for i in range(config.vcpus)]
+
+    @property
+    def cpu_model(self) -> str:
+        """The CPU a saved state is bound to: unicorn's Cortex-A72 model."""
+        return CPU_MODEL
+
+    @property
+    def running(self) -> bool:
+        return self._started and self._run_wanted and not self._closing
+
+    @property
+    def faults(self) -> list[str]:
+        """Why vCPUs stopped for good (unhandled exception, bad access), one line each."""
+        return [v.fault for v in self._vcpus if v.fault]
+
+    def _make_vcpu(self, i: int) -> _Vcpu:
+        uc = cast(Uc, unicorn.Uc(UC_ARCH_ARM64, UC_MODE_ARM))
+        uc.ctl_set_cpu_model(A.UC_CPU_ARM64_A72)
+        uc.mem_map_ptr(RAM_BASE, self.memory.size, UC_PROT_ALL, self.memory.address)
+        uc.mmio_map(UART_BASE, UART_SIZE, self._uart_read, i, self._uart_write, i)
+        uc.mmio_map(PROBE_MMIO_BASE, 0x1000, self._probe_read, i, self._probe_write, i)
+        return _Vcpu(i, uc)
+
+    # --- devices (called from vCPU threads, inside emu_start) ---
+
+    def _uart_read(self, uc: Any, offset: int, size: int, vcpu: int) -> int:
+        return self.uart.read(offset)
+
+    def _uart_write(self, uc: Any, offset: int, size: int, value: int, vcpu: int) -> None:
+        self.uart.write(vcpu, offset, value)
+
+    def _probe_read(self, uc: Any, offset: int, size: int, vcpu: int) -> int:
+        return 0
+
+    def _probe_write(self, uc: Any, offset: int, size: int, value: int, vcpu: int) -> None:
+        self._probe_dev.write(vcpu, offset, size, value)
+
+    # --- life cycle ---
+
+    def start(self) -> None:
+        """Boot the image (fresh machine) or run from the loaded state."""
+        if self._started:
+            raise MachineError("machine is already started")
+        if not self._state_loaded:
+            self._boot()
+        self._started = True
+        self._run_wanted = True
+        for v in self._vcpus:
+            v.thread = threading.Thread(
+                target=self._run, args=(v,), name=f"arm-vcpu{v.index}", daemon=True
+            )
+            v.parked = False
+            v.thread.start()
+
+    def _boot(self) -> None:
+        if not self.config.image:
+            raise ConfigError("no guest image given")
+        loaded = load_image(self.config.image, self._ram)
+        cmdline = place_cmdline(self.config.cmdline, self._ram)
+        for v in self._vcpus:
+            v.uc.reg_write(A.UC_ARM64_REG_PC, loaded.entry)
+            v.uc.reg_write(A.UC_ARM64_REG_X0, cmdline)
+            v.uc.reg_write(A.UC_ARM64_REG_X1, self.memory.size)
+            v.uc.reg_write(A.UC_ARM64_REG_X2, v.index)
+            v.uc.reg_write(A.UC_ARM64_REG_X3, len(self._vcpus))
+
+    def _run(self, v: _Vcpu) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and (not self._run_wanted or v.fault):
+                    v.parked = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                if self._closing:
+                    v.parked = True
+                    self._cond.notify_all()
+                    return
+                v.parked = False
+            self._slice(v)
+
+    def _slice(self, v: _Vcpu) -> None:
+        t0 = time.monotonic()
+        pc = v.uc.reg_read(A.UC_ARM64_REG_PC)
+        try:
+            v.uc.emu_start(pc, _NEVER, timeout=SLICE_US)
+        except UcError as e:
+            self._fault(v, f"{e}")
+            return
+        ran = time.monotonic() - t0
+        pause = ran * self._throttle / (1.0 - self._throttle) if self._throttle else 0.0
+        if ran < _IDLE_S / 2 and self._run_wanted:
+            pause = max(pause, _IDLE_S)
+        if pause:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._run_wanted or self._closing, pause)
+
+    def _fault(self, v: _Vcpu, why: str) -> None:
+        pc = v.uc.reg_read(A.UC_ARM64_REG_PC)
+        v.fault = f"vCPU {v.index} stopped: {why} at pc {pc:#x}"
+        self.uart.write(v.index, 0, 0x0A)  # end any partial line
+        for ch in f"[livemig] {v.fault}\n".encode():
+            self.uart.write(v.index, 0, ch)
+
+    def pause(self) -> None:
+        """Return once every vCPU thread is parked outside emu_start."""
+        with self._cond:
+            self._run_wanted = False
+        while True:
+            with self._cond:
+                if all(v.parked for v in self._vcpus):
+                    return
+            for v in self._vcpus:
+                if not v.parked:
+                    v.uc.emu_stop()
+            with self._cond:
+                self._cond.wait(0.001)
+
+    def resume(self) -> None:
+        if not self._started:
+            raise MachineError("machine is not started")
+        with self._cond:
+            self._run_wanted = True
+            self._cond.notify_all()
+
+    def set_throttle(self, fraction: float) -> None:
+        """Keep vCPUs out of the emulator `fraction` (0..0.99) of the time."""
+        self._throttle = min(max(float(fraction), 0.0), 0.99)
+
+    def close(self) -> None:
+        """Stop the vCPU threads and free RAM; the machine cannot be used afterwards."""
+        if self._closing:
+            return
+        self.pause()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for v in self._vcpus:
+            if v.thread is not None:
+                v.thread.join()
+        self._vcpus = []
+        self._ram.release()
+        self.memory.close()
+
+    # --- state ---
+
+    def save_state(self) -> MachineState:
+        """Capture every vCPU's registers, the virtual counter and the devices (paused)."""
+        if self.running:
+            raise MachineError("pause the machine before saving its state")
+        uc0 = self._vcpus[0].uc
+        vm: dict[str, Any] = {
+            "ram_base": RAM_BASE,
+            "mem_size": self.memory.size,
+            "cntvct": uc0.cpr_read(*regs.CNTVCT_EL0),
+            "cntfrq": uc0.cpr_read(*regs.CNTFRQ_EL0),
+            "faults": [v.fault or "" for v in self._vcpus],
+        }
+        return MachineState(
+            arch=Arch.ARM64,
+            cpu_model=self.cpu_model,
+            vcpus=[regs.capture(v.uc) for v in self._vcpus],
+            vm=vm,
+            devices={"uart": self.uart.state(), "probe": self.probe.state()},
+        )
+
+    def load_state(self, state: MachineState) -> None:
+        """Validate `state` completely, then apply it; StateError leaves the machine as it was."""
+        if self.running:
+            raise StateError("cannot load state into a running machine; pause it first")
+        state.check_compatible(Arch.ARM64, self.cpu_model, len(self._vcpus))
+        for i, s in enumerate(state.vcpus):
+            regs.validate(s, i)
+        self._check_vm(state.vm)
+        Pl011.validate(state.devices.get("uart"), len(self._vcpus))
+        offset = None
+        for v, s in zip(self._vcpus, state.vcpus, strict=True):
+            regs.apply(v.uc, s)
+            if offset is None:  # the counter goes on from the saved count, not the host's
+                offset = (v.uc.cpr_read(*regs.CNTPCT_EL0) - state.vm["cntvct"]) & _U64
+            v.uc.cpr_write(*regs.CNTVOFF_EL2, offset)
+            v.uc.ctl_flush_tb()
+        for v, fault in zip(self._vcpus, state.vm["faults"], strict=True):
+            v.fault = fault or None
+        self.uart.load(state.devices["uart"])
+        self._state_loaded = True
+
+    def _check_vm(self, vm: dict[str, Any]) -> None:
+        if vm.get("ram_base") != RAM_BASE or vm.get("mem_size") != self.memory.size:
+            raise StateError(
+                f"state is for RAM {vm.get('mem_size')} bytes at {vm.get('ram_base')}, "
+                f"this machine has {self.memory.size} bytes at {RAM_BASE:#x}"
+            )
+        cnt = vm.get("cntvct")
+        if not isinstance(cnt, int) or not 0 <= cnt <= _U64:
+            raise StateError("state has no valid virtual counter (vm.cntvct)")
+        faults = vm.get("faults")
+        if not isinstance(faults, list) or len(faults) != len(self._vcpus):
+            raise StateError("state has no per-vCPU fault list (vm.faults)")
+
+
+def _check_config(config: MachineConfig) -> None:
+    if config.arch is not Arch.ARM64:
+        raise ConfigError(f"Armv8Machine builds arm64 machines, not {config.arch.value}")
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"the ARMv8 board has 1 to {MAX_VCPUS} vCPUs, not {config.vcpus}")
+    if not MIN_MEM <= config.mem_size <= MAX_MEM or config.mem_size % (2 << 20):
+        raise ConfigError(
+            f"ARMv8 memory must be a multiple of 2 MiB from {MIN_MEM >> 20} MiB to "
+            f"{MAX_MEM >> 30} GiB, not {config.mem_size}"
+        )

@@ -1,0 +1,105 @@
+"""Shared test helpers: real guests on real KVM, machine processes driven by their control socket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "guests" / "build"
+LIVEMIG = [sys.executable, "-m", "livemig"]
+
+
+def kvm_usable() -> bool:
+    return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+needs_kvm = pytest.mark.skipif(not kvm_usable(),
+                               reason="/dev/kvm is absent or not permitted: KVM guests cannot run")
+
+
+def image(name: str) -> str:
+    path = GUESTS / f"{name}.elf"
+    assert path.is_file(), f"guest image {path} missing: run `make -C guests`"
+    return str(path)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class MachineProcess:
+    """A `livemig` subcommand hosting a machine, with its control socket and console file."""
+
+    def __init__(self, args: list[str], tmp: Path, name: str) -> None:
+        self.control = str(tmp / f"{name}.sock")
+        self.console = tmp / f"{name}.console"
+        self.log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*LIVEMIG, *args, "--control", self.control, "--console", str(self.console)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_for(lambda: os.path.exists(self.control) or self.proc.poll() is not None,
+                 30, f"{name} control socket")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{name} exited: {(tmp / f'{name}.log').read_text()}")
+
+    def ctl(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        from livemig.cli.control import request
+        return request(self.control, cmd, **kw)
+
+    def heartbeat(self) -> int:
+        """Value of the last heartbeat, -1 before the first."""
+        last = self.ctl("status")["probe"]["last_heartbeat"]
+        return -1 if last is None else int(last["value"])
+
+    def failures(self) -> int:
+        return int(self.ctl("status")["probe"]["counts"]["fail"])
+
+    def wait_heartbeat_above(self, value: int, timeout: float = 20.0) -> int:
+        return int(wait_for(lambda: (h := self.heartbeat()) > value and h, timeout,
+                            f"heartbeat above {value}"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ctl("quit")
+            except Exception:
+                self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[Callable[..., MachineProcess]]:
+    """Start machine processes; all are stopped at the end of the test."""
+    started: list[MachineProcess] = []
+
+    def start(args: list[str], name: str = "m") -> MachineProcess:
+        mp = MachineProcess(args, tmp_path, name)
+        started.append(mp)
+        return mp
+    yield start
+    for mp in started:
+        mp.stop()
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LIVEMIG, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
