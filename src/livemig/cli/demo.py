@@ -1,0 +1,167 @@
+"""`livemig demo`: boot a guest, migrate it live to a second process, show that it goes on.
+
+Two machine processes on loopback by default; with `--netns` they live in two network
+namespaces joined by a veth pair, optionally shaped with `tc` (`--link 1gbit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from livemig.cli.control import request
+from livemig.images import guest_image
+
+NS_SRC, NS_DST = "lmdemo-src", "lmdemo-dst"
+ADDR_SRC, ADDR_DST = "10.231.0.1", "10.231.0.2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(*cmd: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise click.ClickException(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def network_namespaces(link: str | None) -> Iterator[None]:
+    """Two namespaces joined by a veth pair; the link shaped with tc when asked."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        raise click.ClickException("--netns needs root and iproute2 (ip, tc)")
+    for ns in (NS_SRC, NS_DST):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        _run("ip", "netns", "add", ns)
+    try:
+        _run("ip", "link", "add", "lm-src", "netns", NS_SRC, "type", "veth",
+             "peer", "name", "lm-dst", "netns", NS_DST)
+        for ns, dev, addr in ((NS_SRC, "lm-src", ADDR_SRC), (NS_DST, "lm-dst", ADDR_DST)):
+            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _run("ip", "-n", ns, "link", "set", dev, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            if link:
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                     "tbf", "rate", link, "burst", "1mb", "latency", "50ms")
+        yield
+    finally:
+        for ns in (NS_SRC, NS_DST):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _spawn(args: list[str], log: Path, netns: str | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "livemig", *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(pred: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(pred) and pred():
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"demo: timed out waiting for {what}")
+
+
+def _heartbeat(sock: str) -> int:
+    try:
+        last = request(sock, "status", timeout=5)["probe"]["last_heartbeat"]
+    except Exception:
+        return -1
+    return -1 if last is None else int(last["value"])
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except FileNotFoundError:
+        return []
+
+
+def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
+             extra: tuple[str, ...]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
+    src_sock, dst_sock = str(work / "src.sock"), str(work / "dst.sock")
+    port = _free_port()
+    host = ADDR_DST if netns else "127.0.0.1"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(_spawn(["listen", "--host", host, "--port", str(port), "--control",
+                             dst_sock, "--console", str(work / "dst.console")],
+                            work / "dst.log", NS_DST if netns else None))
+        procs.append(_spawn(["run", guest_image("hotset"), "--mem", mem, "--vcpus",
+                             str(vcpus), "--append", f"wss={wss}", "--control", src_sock,
+                             "--console", str(work / "src.console")],
+                            work / "src.log", NS_SRC if netns else None))
+        click.echo(f"source: hotset, {mem} RAM, {vcpus} vCPUs, wss={wss}; "
+                   f"destination listening on {host}:{port}")
+        _wait(lambda: _heartbeat(src_sock) >= 3, 30, "the guest's first heartbeats")
+        for line in _tail(work / "src.console", 3):
+            click.echo(f"  [source]      {line}")
+        click.echo(f"migrating live to {host}:{port} ...")
+        cmd = [sys.executable, "-m", "livemig", "migrate", src_sock, "--to", f"{host}:{port}",
+               *extra]
+        if netns:
+            cmd = ["ip", "netns", "exec", NS_SRC, *cmd]
+        if subprocess.run(cmd).returncode:
+            raise click.ClickException("migration failed; the source machine kept running")
+        before = _heartbeat(dst_sock)
+        _wait(lambda: _heartbeat(dst_sock) > before + 2, 20, "heartbeats on the destination")
+        for line in _tail(work / "dst.console", 4):
+            click.echo(f"  [destination] {line}")
+        status = request(dst_sock, "status")
+        click.echo(f"destination: {status['state']}, last heartbeat "
+                   f"{status['probe']['last_heartbeat']['value']}, "
+                   f"failures {status['probe']['counts']['fail']}")
+    finally:
+        for sock in (dst_sock, src_sock):
+            with contextlib.suppress(Exception):
+                request(sock, "quit", timeout=5)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@click.command()
+@click.option("--mem", default="1G", show_default=True)
+@click.option("--vcpus", default=2, show_default=True)
+@click.option("--wss", default="100M", show_default=True, help="hotset working set")
+@click.option("--netns", is_flag=True, help="two network namespaces joined by a veth pair")
+@click.option("--link", default=None, help="shape the veth link with tc, e.g. 1gbit")
+@click.argument("migrate_args", nargs=-1)
+def demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
+         migrate_args: tuple[str, ...]) -> None:
+    """Boot hotset, migrate it live to another process, show the report and the guest going on.
+
+    Extra arguments after `--` go to `livemig migrate` (e.g. `-- --mode stop-copy`).
+    """
+    if link and not netns:
+        raise click.UsageError("--link needs --netns")
+    if netns:
+        with network_namespaces(link):
+            run_demo(mem, vcpus, wss, True, link, migrate_args)
+    else:
+        run_demo(mem, vcpus, wss, False, None, migrate_args)
+
+
+def add_commands(cli: click.Group) -> None:
+    cli.add_command(demo)
