@@ -59,6 +59,9 @@ class VcpuThread:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"vcpu{vcpu.index}", daemon=True)
         self.exits = 0
+        # An I/O or MMIO exit is finished (RIP advanced, IN data stored) only when KVM_RUN is
+        # entered again; until then the vCPU's registers are not a state that may be saved.
+        self._io_pending = False
 
     def start(self, paused: bool) -> None:
         self._want_pause = paused
@@ -99,6 +102,7 @@ class VcpuThread:
         """Wait while a pause is requested; False once the thread must end."""
         with self._cond:
             if self._want_pause and not self._stopping:
+                self._complete_pending_io()
                 self._parked = True
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: not self._want_pause or self._stopping)
@@ -106,9 +110,16 @@ class VcpuThread:
             self.vcpu.run.immediate_exit = 0
             return not self._stopping
 
+    def _complete_pending_io(self) -> None:
+        if self._io_pending:
+            self.vcpu.run.immediate_exit = 1
+            self.vcpu.run_once()  # completes the exit, then returns EINTR without running
+            self._io_pending = False
+
     def _loop(self) -> None:
         while self._park_if_asked():
             err = self.vcpu.run_once()
+            self._io_pending = False  # entering KVM_RUN completed any earlier exit
             if err == errno.EAGAIN:  # an AP woke from wait-for-SIPI: enter again
                 continue
             if err == errno.EINTR:
@@ -119,6 +130,7 @@ class VcpuThread:
                 self.on_fatal(f"vCPU {self.vcpu.index}: KVM_RUN failed: errno {err}")
                 return
             self.exits += 1
+            self._io_pending = self.vcpu.run.exit_reason in (ExitReason.IO, ExitReason.MMIO)
             problem = self._handle_exit()
             if problem:
                 self.on_fatal(f"vCPU {self.vcpu.index}: {problem}")
