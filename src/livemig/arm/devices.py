@@ -105,7 +105,13 @@ class ProbeDevice:
 
     Unicorn delivers a 64-bit MMIO store as two 32-bit writes (offset 0, then offset 4) from
     the same instruction, so the low half is held per vCPU until the high half arrives; a pause
-    cannot fall between them (vCPUs stop only between translation blocks).
+    cannot fall between them.
+
+    When unicorn is stopped (pause, end of a slice) while a vCPU is inside an MMIO write, it
+    can re-execute that store on the next run, so one report may arrive twice. Reports are
+    never legitimately repeated (counters increase), so a record equal to the last one from the
+    same vCPU is dropped; the last records travel with the state (`state()`/`load()`) because
+    the replay can happen on the destination, after a migration.
     """
 
     def __init__(self, log: ProbeLog, ram: memoryview, ram_base: int, vcpus: int) -> None:
@@ -113,6 +119,7 @@ class ProbeDevice:
         self._ram = ram
         self._base = ram_base
         self._low: list[int | None] = [None] * vcpus
+        self._last: list[bytes] = [b""] * vcpus
 
     def write(self, vcpu: int, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
@@ -124,11 +131,29 @@ class ProbeDevice:
                 self._log.report(b"")
                 return
             offset, value = 0, low | (value << 32)
-        self._report(offset, value)
+        self._report(vcpu, offset, value)
 
-    def _report(self, offset: int, value: int) -> None:
+    def _report(self, vcpu: int, offset: int, value: int) -> None:
         off = value - self._base
         if offset != 0 or off < 0 or off + RECORD.size > len(self._ram):
             self._log.report(b"")  # counted as a bad record
             return
-        self._log.report(bytes(self._ram[off : off + RECORD.size]))
+        raw = bytes(self._ram[off : off + RECORD.size])
+        if raw == self._last[vcpu]:
+            return
+        self._last[vcpu] = raw
+        self._log.report(raw)
+
+    def state(self) -> dict[str, Any]:
+        return {"last": list(self._last)}
+
+    @staticmethod
+    def validate(s: Any, vcpus: int) -> None:
+        last = s.get("last") if isinstance(s, dict) else None
+        if not isinstance(last, list) or len(last) != vcpus:
+            raise StateError("probe device state has no last record per vCPU")
+        if not all(isinstance(b, bytes) for b in last):
+            raise StateError("probe device state is malformed")
+
+    def load(self, s: dict[str, Any]) -> None:
+        self._last = list(s["last"])

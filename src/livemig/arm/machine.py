@@ -231,7 +231,11 @@ class Armv8Machine:
             cpu_model=self.cpu_model,
             vcpus=[regs.capture(v.uc) for v in self._vcpus],
             vm=vm,
-            devices={"uart": self.uart.state(), "probe": self.probe.state()},
+            devices={
+                "uart": self.uart.state(),
+                "probe": self.probe.state(),
+                "probe_device": self._probe_dev.state(),
+            },
         )
 
     def load_state(self, state: MachineState) -> None:
@@ -243,6 +247,7 @@ class Armv8Machine:
             regs.validate(s, i)
         self._check_vm(state.vm)
         Pl011.validate(state.devices.get("uart"), len(self._vcpus))
+        ProbeDevice.validate(state.devices.get("probe_device"), len(self._vcpus))
         offset = None
         for v, s in zip(self._vcpus, state.vcpus, strict=True):
             regs.apply(v.uc, s)
@@ -253,6 +258,7 @@ class Armv8Machine:
         for v, fault in zip(self._vcpus, state.vm["faults"], strict=True):
             v.fault = fault or None
         self.uart.load(state.devices["uart"])
+        self._probe_dev.load(state.devices["probe_device"])
         self._state_loaded = True
 
     def _check_vm(self, vm: dict[str, Any]) -> None:
