@@ -341,7 +341,17 @@ class QemuMigrationConfig:
 
 @dataclass
 class QemuMigrationResult:
-    """QEMU's figures for one migration, in livemig's vocabulary."""
+    """QEMU's figures for one migration, in livemig's vocabulary.
+
+    From the source's final ``query-migrate``: ``total_ms`` = total-time, ``downtime_ms`` =
+    downtime (QEMU's own figure: source stop to destination start), ``setup_ms`` = setup-time,
+    ``rounds`` = ram.dirty-sync-count (QEMU counts its first sync at setup and the final one in
+    stop-and-copy), ``bytes_sent`` = ram.transferred (RAM stream; device state is not counted),
+    ``pages_raw`` / ``pages_zero`` = ram.normal / ram.duplicate, ``mbps`` = ram.mbps (Mbit/s).
+    ``guest_gap_ms`` is the largest gap between guest heartbeats seen on the serial ports
+    (host arrival time), source and destination merged, from the last one before migration
+    started; it includes one heartbeat period.
+    """
 
     status: str
     total_ms: float

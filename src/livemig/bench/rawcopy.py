@@ -4,9 +4,10 @@ livemig's migration throughput is compared with this figure (it must reach at le
 it), so the sender is the kind an application writes and livemig can write too: ``sendall`` of
 a ``memoryview`` over user memory, in large chunks, no kernel tricks (no ``sendfile``, no
 ``splice``, no zero-copy), because those would flatter the yardstick unless livemig used them
-as well. The receiver runs in another process (spawned, so no GIL is shared with the sender)
-and ``recv_into``s a preallocated, pre-touched buffer. Both buffers are touched before timing
-starts, so page faults on first touch are not counted on either side.
+as well. The receiver runs in another process (``python -m livemig.bench.rawcopy --receive``,
+so no GIL is shared with the sender) and ``recv_into``s a preallocated, pre-touched buffer.
+Both buffers are touched before timing starts, so page faults on first touch are not counted on
+either side.
 
 Timing runs from just before the first ``sendall`` to the receiver's one-byte acknowledgement
 that it holds every byte: the end-to-end time for N bytes, like a migration's transfer.
@@ -14,14 +15,14 @@ that it holds every byte: the end-to-end time for N bytes, like a migration's tr
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import multiprocessing as mp
+import select
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 DEFAULT_CHUNK = 256 << 10  # bytes per sendall / recv_into call: fastest measured (L2-sized)
@@ -83,12 +84,15 @@ def _touched_buffer(nbytes: int) -> mmap.mmap:
     return buf
 
 
-def _receiver(ctl: Connection, nbytes: int, repeats: int, chunk: int) -> None:
-    """Child process: accept one connection, receive ``nbytes`` ``repeats`` times, ack each."""
+def _receive(nbytes: int, repeats: int, chunk: int) -> None:
+    """Receiver process body: listen, print the port, receive ``nbytes`` ``repeats`` times.
+
+    Each complete copy is acknowledged with one byte.
+    """
     buf = _touched_buffer(nbytes)
     mv = memoryview(buf)
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        ctl.send(srv.getsockname()[1])
+        print(srv.getsockname()[1], flush=True)
         conn, _ = srv.accept()
         with conn:
             for _ in range(repeats):
@@ -103,6 +107,24 @@ def _receiver(ctl: Connection, nbytes: int, repeats: int, chunk: int) -> None:
     buf.close()
 
 
+def _start_receiver(nbytes: int, repeats: int, chunk: int,
+                    timeout_s: float) -> tuple[subprocess.Popen[str], int]:
+    """Start the receiver as ``python -m livemig.bench.rawcopy --receive``; return it, port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livemig.bench.rawcopy", "--receive",
+         str(nbytes), str(repeats), str(chunk)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"raw-copy receiver did not start (exit {proc.returncode})")
+    return proc, int(line)
+
+
 def _send_once(sock: socket.socket, mv: memoryview, nbytes: int, chunk: int) -> float:
     """Send ``nbytes`` from ``mv`` in ``chunk``-sized sendall calls; seconds until the ack."""
     t0 = time.perf_counter()
@@ -115,7 +137,7 @@ def _send_once(sock: socket.socket, mv: memoryview, nbytes: int, chunk: int) -> 
 
 def measure_raw_copy(nbytes: int, repeats: int = 3, chunk: int = DEFAULT_CHUNK,
                      timeout_s: float = 120.0) -> RawCopyResult:
-    """Time ``repeats`` copies of ``nbytes`` from this process to a spawned receiver process.
+    """Time ``repeats`` copies of ``nbytes`` from this process to a receiver process.
 
     One TCP connection on 127.0.0.1 (set up before timing, like an established migration
     channel), default socket buffers (kernel autotuning), ``TCP_NODELAY``.
@@ -123,33 +145,27 @@ def measure_raw_copy(nbytes: int, repeats: int = 3, chunk: int = DEFAULT_CHUNK,
     if nbytes <= 0:
         raise ValueError("nbytes must be positive")
     chunk = max(1, min(chunk, nbytes))
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(child, nbytes, repeats, chunk),
-                       name="rawcopy-receiver", daemon=True)
     result = RawCopyResult(nbytes=nbytes, chunk=chunk)
     buf = _filled_buffer(nbytes)
     mv = memoryview(buf)
-    proc.start()
+    proc: subprocess.Popen[str] | None = None
     try:
-        if not parent.poll(timeout_s):
-            raise TimeoutError("raw-copy receiver did not start")
-        port = int(parent.recv())
+        proc, port = _start_receiver(nbytes, repeats, chunk, timeout_s)
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for _ in range(repeats):
                 result.seconds.append(_send_once(sock, mv, nbytes, chunk))
-        proc.join(timeout_s)
+        proc.wait(timeout_s)
         return result
     finally:
         mv.release()
         buf.close()
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        with contextlib.suppress(OSError):
-            parent.close()
-            child.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("size_mib", type=int, nargs="?", default=1024)
+    ap.add_argument("--receive", nargs=3, type=int, metavar=("NBYTES", "REPEATS", "CHUNK"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK >> 10)
     a = ap.parse_args(argv)
+    if a.receive:
+        _receive(*a.receive)
+        return 0
     res = measure_raw_copy(a.size_mib << 20, a.repeats, a.chunk_kib << 10)
     d = res.to_dict()
     d["MiB_per_s"] = res.bytes_per_s / (1 << 20)
