@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -12,7 +11,9 @@ from typing import Any
 import click
 
 from livemig import snapshot
+from livemig.cli import bench_cmds, demo, migrate_cmds
 from livemig.cli.control import ControlError, request
+from livemig.cli.migrate_cmds import register_migration_controls
 from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
 from livemig.contract import Arch, ImageError, MachineConfig, MachineError
 
@@ -79,6 +80,7 @@ def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
     try:
         machine.start()
         host = MachineHost(machine, control or default_control_path(), close)
+        register_migration_controls(host)
     except BaseException:
         machine.close()
         raise
@@ -129,25 +131,15 @@ def restore(file: str, console: str, control: str | None) -> None:
         snapshot.restore_into(snap, machine)
         machine.start()
         host = MachineHost(machine, control or default_control_path(), close)
+        register_migration_controls(host)
     except BaseException:
         machine.close()
         raise
     serve_machine(host)
 
 
-def _add_optional_commands() -> None:
-    """Commands living in other modules register themselves through `add_commands(cli)`."""
-    for name in ("livemig.cli.migrate_cmds", "livemig.cli.demo", "livemig.cli.bench_cmds"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        mod.add_commands(cli)
-
-
-_add_optional_commands()
+for _module in (migrate_cmds, demo, bench_cmds):
+    _module.add_commands(cli)
 
 
 def main() -> None:

@@ -1,0 +1,291 @@
+"""Migration commands: `livemig listen`, `livemig migrate`, and the control-socket commands
+`migrate`, `query-migrate` and `migrate-cancel` of a running machine."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from livemig.cli.control import ControlError, request
+from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
+from livemig.contract import MachineConfig
+from livemig.migration import (
+    CommitUnconfirmed,
+    MigrationError,
+    MigrationOptions,
+    MigrationStats,
+    Mode,
+    Progress,
+    migrate,
+    parse_rate,
+    receive,
+)
+from livemig.migration.transport import connect, listen
+
+FINAL_STATUS_WAIT = 5.0  # seconds a migrated-away host waits for its final stats to be read
+
+
+class MigrationControl:
+    """One machine's outgoing migration, driven through its control socket."""
+
+    def __init__(self, host: MachineHost) -> None:
+        self.host = host
+        self.thread: threading.Thread | None = None
+        self.cancel = threading.Event()
+        self.status = "none"
+        self.progress: Progress | None = None
+        self.stats: MigrationStats | None = None
+        self.error: str | None = None
+        self.reported = threading.Event()  # the final status was read by a client
+
+    def start(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.thread is not None and self.thread.is_alive():
+            raise ControlError("a migration is already in progress")
+        target = req.get("to")
+        if not isinstance(target, str):
+            raise ControlError("migrate needs 'to': HOST:PORT")
+        opts = options_from_request(req)
+        self.cancel = threading.Event()
+        self.status, self.progress, self.stats, self.error = "setup", None, None, None
+        self.thread = threading.Thread(target=self._run, args=(target, opts),
+                                       name="migrate", daemon=True)
+        self.thread.start()
+        return {"status": self.status}
+
+    def _run(self, target: str, opts: MigrationOptions) -> None:
+        with self.host.lock:
+            try:
+                sock = connect(target)
+            except (OSError, ValueError) as e:
+                self.status, self.error = "failed", f"cannot connect to {target}: {e}"
+                return
+            try:
+                self.stats = migrate(self.host.machine, sock, opts, self._on_progress,
+                                     self.cancel)
+                self.status = "completed"
+            except MigrationError as e:
+                self.stats = getattr(e, "stats", None)
+                self.status = self.stats.status if self.stats else "failed"
+                self.error = str(e)
+                if isinstance(e, CommitUnconfirmed):
+                    self.status = "commit-unconfirmed"
+            finally:
+                sock.close()
+        if self.status == "completed":
+            # Let `livemig migrate` read the final stats before the source host goes away.
+            self.reported.wait(FINAL_STATUS_WAIT)
+            self.host.finish(f"migrated to {target}")
+
+    def _on_progress(self, p: Progress) -> None:
+        self.progress = p
+        self.status = "active"
+
+    def query(self, _req: dict[str, Any]) -> dict[str, Any]:
+        if self.status not in ("setup", "active", "none"):
+            self.reported.set()
+        return {
+            "status": self.status,
+            "progress": asdict(self.progress) if self.progress else None,
+            "stats": self.stats.to_json() if self.stats else None,
+            "error": self.error,
+        }
+
+    def do_cancel(self, _req: dict[str, Any]) -> dict[str, Any]:
+        if self.thread is None or not self.thread.is_alive():
+            raise ControlError("no migration in progress")
+        self.cancel.set()
+        return {"status": "cancelling"}
+
+
+def options_from_request(req: dict[str, Any]) -> MigrationOptions:
+    """MigrationOptions from a `migrate` control request; ControlError if a field is bad."""
+    try:
+        opts = MigrationOptions(mode=Mode(req.get("mode", "precopy")))
+        if req.get("max_downtime_ms") is not None:
+            opts.max_downtime_ms = float(req["max_downtime_ms"])
+        if req.get("max_bandwidth") is not None:
+            bw = req["max_bandwidth"]
+            opts.max_bandwidth = parse_rate(bw) if isinstance(bw, str) else float(bw)
+        if req.get("max_rounds") is not None:
+            opts.max_rounds = int(req["max_rounds"])
+        opts.auto_converge = bool(req.get("auto_converge", False))
+        opts.verify_memory = bool(req.get("verify_memory", False))
+    except (ValueError, TypeError) as e:
+        raise ControlError(f"bad migrate option: {e}") from e
+    if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:
+        raise ControlError("max_rounds must be >= 1 and max_downtime_ms > 0")
+    return opts
+
+
+def register_migration_controls(host: MachineHost) -> None:
+    """Add `migrate`, `query-migrate` and `migrate-cancel` to the host's control socket.
+
+    A completed migration ends the host's serve loop (which closes the paused machine)."""
+    mc = MigrationControl(host)
+    host.control.register("migrate", mc.start)
+    host.control.register("query-migrate", mc.query)
+    host.control.register("migrate-cancel", mc.do_cancel)
+
+
+# -- livemig listen ---------------------------------------------------------------------------
+
+
+def _receive_one(srv: socket.socket, console: str) -> tuple[Any, Any, MigrationStats] | None:
+    """Accept one migration; None (after saying why) when it failed before COMMIT."""
+    conn, peer = srv.accept()
+    click.echo(f"livemig: incoming migration from {peer[0]}:{peer[1]}", err=True)
+    sink, close = open_console(console)
+
+    def build(cfg: MachineConfig) -> Any:
+        return build_machine(cfg, sink)
+
+    try:
+        machine, stats = receive(conn, build)
+    except CommitUnconfirmed as e:
+        click.echo(f"livemig: {e}", err=True)
+        return e.machine, close, MigrationStats(status="commit-unknown")  # type: ignore[attr-defined]
+    except MigrationError as e:
+        click.echo(f"livemig: migration refused: {e}", err=True)
+        close()
+        return None
+    finally:
+        conn.close()
+    return machine, close, stats
+
+
+@click.command("listen")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port (0: any)")
+@click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
+@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+@click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
+def listen_cmd(host: str, port: int, console: str, control: str | None, once: bool) -> None:
+    """Wait for a machine to migrate in, then run it here with its own control socket."""
+    from livemig.cli.main import serve_machine
+
+    srv = listen(host, port)
+    h, p = srv.getsockname()[:2]
+    click.echo(f"livemig: listening for a migration on {h}:{p}", err=True)
+    got = None
+    while got is None:
+        got = _receive_one(srv, console)
+        if got is None and once:
+            sys.exit(1)
+    srv.close()
+    machine, close, stats = got
+    mhost = MachineHost(machine, control or default_control_path(), close)
+    register_migration_controls(mhost)
+    if stats.status == "completed":
+        click.echo(f"livemig: migration received, machine running "
+                   f"({stats.bytes_sent} bytes, {len(stats.rounds)} rounds)", err=True)
+    serve_machine(mhost)
+
+
+# -- livemig migrate --------------------------------------------------------------------------
+
+
+def _show_table(stats: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"migration {stats['status']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    rows = [
+        ("mode", stats["mode"]), ("total", f"{stats['total_ms']:.1f} ms"),
+        ("setup", f"{stats['setup_ms']:.1f} ms"), ("downtime", f"{stats['downtime_ms']:.1f} ms"),
+        ("guest-visible gap", "-" if stats["guest_gap_ms"] is None
+         else f"{stats['guest_gap_ms']:.1f} ms"),
+        ("rounds", str(stats["rounds"])), ("bytes sent", f"{stats['bytes_sent']:,}"),
+        ("bandwidth", f"{stats['bandwidth'] / 1e6:.1f} MB/s"),
+        ("dirty rate", f"{stats['dirty_rate']:.0f} pages/s"),
+        ("throttle", f"{stats['throttle'] * 100:.0f} %"),
+        ("verified memory", str(stats["verified_memory"])),
+    ]
+    rows += [(f"pages {k}", f"{v:,}") for k, v in stats["pages"].items()]
+    for r in rows:
+        t.add_row(*r)
+    Console(stderr=True).print(t)
+
+
+def _poll(socket_path: str, show: bool) -> dict[str, Any]:
+    """Poll query-migrate until the migration ends; Ctrl-C cancels it."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not show, transient=True)
+    task = bar.add_task("setup", total=1, info="")
+    with bar:
+        while True:
+            try:
+                q = request(socket_path, "query-migrate")
+            except ControlError as e:
+                return {"status": "unknown", "stats": None,
+                        "error": f"lost the source's control socket: {e}"}
+            if q.get("status") not in ("setup", "active"):
+                return q
+            p = q.get("progress")
+            if p:
+                left = p["remaining_pages"] + p["round_pages_total"] - p["round_pages_done"]
+                info = (f"remaining {left} pages  {p['bandwidth'] / 1e6:.0f} MB/s  "
+                        f"throttle {p['throttle']:.0%}")
+                bar.update(task, description=f"{p['phase']} {p['round']}",
+                           total=max(p["round_pages_total"], 1),
+                           completed=p["round_pages_done"], info=info)
+            try:
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                request(socket_path, "migrate-cancel")
+
+
+@click.command("migrate")
+@click.argument("socket_path", metavar="SOCKET")
+@click.option("--to", "target", required=True, help="destination HOST:PORT (livemig listen)")
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="precopy",
+              show_default=True)
+@click.option("--max-downtime", "max_downtime", type=float, default=300.0, show_default=True,
+              help="target downtime in ms")
+@click.option("--max-bandwidth", "max_bandwidth", default=None, help="rate cap, e.g. 100M, 1G")
+@click.option("--max-rounds", "max_rounds", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--auto-converge", is_flag=True, help="throttle vCPUs when rounds stop shrinking")
+@click.option("--verify-memory", is_flag=True, help="compare keyed hashes of every page")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
+                max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
+                verify_memory: bool, as_json: bool) -> None:
+    """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT."""
+    if max_bandwidth is not None:
+        try:
+            parse_rate(max_bandwidth)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--max-bandwidth") from e
+    reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
+                    max_bandwidth=max_bandwidth, max_rounds=max_rounds,
+                    auto_converge=auto_converge, verify_memory=verify_memory)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "migrate failed"))
+    q = _poll(socket_path, show=not as_json and sys.stderr.isatty())
+    stats = q.get("stats") or {"status": q.get("status")}
+    if as_json:
+        keys = ("status", "mode", "total_ms", "downtime_ms", "setup_ms", "rounds", "bytes_sent",
+                "pages", "guest_gap_ms", "verified_memory", "throttle", "error")
+        click.echo(json.dumps({k: stats.get(k) for k in keys} | {"error": q.get("error")}))
+    elif q.get("stats"):
+        _show_table(stats)
+    if q.get("error") and not as_json:
+        click.echo(f"livemig: migration {q.get('status')}: {q['error']}", err=True)
+    if q.get("status") != "completed":
+        sys.exit(1)
+
+
+def add_commands(cli: click.Group) -> None:
+    """Add `listen` and `migrate` to the `livemig` command group."""
+    cli.add_command(listen_cmd)
+    cli.add_command(migrate_cmd)
