@@ -57,7 +57,7 @@ class MachineProcess:
             raise AssertionError(f"{name} exited: {(tmp / f'{name}.log').read_text()}")
 
     def ctl(self, cmd: str, **kw: Any) -> dict[str, Any]:
-        from livemig.cli.control import request
+        from livemig.control import request
         return request(self.control, cmd, **kw)
 
     def heartbeat(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import unicorn
@@ -52,7 +53,15 @@ class _Vcpu:
 
 
 class Armv8Machine:
-    """An ARMv8 board of 1-4 emulated Cortex-A72 cores (unicorn), memfd RAM, PL011, probe."""
+    """An ARMv8 board of 1-4 emulated Cortex-A72 cores (unicorn), memfd RAM, PL011, probe.
+
+    Failure reporting (the contract's `error`, and the `stopped` event the CLI host polls):
+    a vCPU that faults (unicorn cannot deliver the exception, see docs/arm-state.md) is parked
+    for good and the others go on. `error` is the first such fault from then on (the guest is
+    no longer whole, so callers should know), but `stopped` is set only when the machine as a
+    whole can no longer run: every vCPU has faulted, or the machine was closed. A host serving
+    the machine therefore ends when the guest is dead, not when one of its CPUs is.
+    """
 
     def __init__(self, config: MachineConfig, console: Console = None) -> None:
         _check_config(config)
@@ -68,6 +77,8 @@ class Armv8Machine:
         self._started = False
         self._state_loaded = False
         self._throttle = 0.0
+        self.error: str | None = None  # first vCPU fault, else None
+        self.stopped = threading.Event()  # set when every vCPU faulted or the machine closed
         self._vcpus = [self._make_vcpu(i) for i in range(config.vcpus)]
 
     @property
@@ -171,6 +182,16 @@ class Armv8Machine:
         self.uart.write(v.index, 0, 0x0A)  # end any partial line
         for ch in f"[livemig] {v.fault}\n".encode():
             self.uart.write(v.index, 0, ch)
+        with self._cond:
+            self._note_faults()
+
+    def _note_faults(self) -> None:
+        """Derive `error` and `stopped` from the vCPUs' faults (call with `_cond` held)."""
+        first = next((v.fault for v in self._vcpus if v.fault), None)
+        if self.error is None:
+            self.error = first
+        if self._vcpus and all(v.fault for v in self._vcpus):
+            self.stopped.set()
 
     def pause(self) -> None:
         """Return once every vCPU thread is parked outside emu_start."""
@@ -189,6 +210,8 @@ class Armv8Machine:
     def resume(self) -> None:
         if not self._started:
             raise MachineError("machine is not started")
+        if self.stopped.is_set():
+            raise MachineError(f"cannot resume: {self.error or 'machine is closed'}")
         with self._cond:
             self._run_wanted = True
             self._cond.notify_all()
@@ -205,6 +228,7 @@ class Armv8Machine:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self.stopped.set()
         for v in self._vcpus:
             if v.thread is not None:
                 v.thread.join()
@@ -255,11 +279,43 @@ class Armv8Machine:
                 offset = (v.uc.cpr_read(*regs.CNTPCT_EL0) - state.vm["cntvct"]) & _U64
             v.uc.cpr_write(*regs.CNTVOFF_EL2, offset)
             v.uc.ctl_flush_tb()
-        for v, fault in zip(self._vcpus, state.vm["faults"], strict=True):
-            v.fault = fault or None
+        with self._cond:
+            for v, fault in zip(self._vcpus, state.vm["faults"], strict=True):
+                v.fault = fault or None
+            self.error = None
+            self.stopped.clear()
+            self._note_faults()
         self.uart.load(state.devices["uart"])
         self._probe_dev.load(state.devices["probe_device"])
         self._state_loaded = True
+
+    def get_registers(self, vcpu: int, names: Sequence[str]) -> dict[str, int]:
+        """Read some 64-bit registers of one paused vCPU, by name.
+
+        Names are those of the vCPU state map that hold integers (`x0`..`x30`, `pc`, `pstate`,
+        `sp_el0`, system registers: docs/arm-state.md) plus `sp` (the stack pointer PSTATE.SPSel
+        selects) and `lr` (X30). Used to migrate a chosen subset of registers (the thesis'
+        experiment); a whole vCPU goes through `save_state`.
+        """
+        return regs.read_named(self._paused_vcpu(vcpu).uc, list(names))
+
+    def set_registers(self, vcpu: int, values: Mapping[str, int]) -> None:
+        """Write some 64-bit registers of one paused vCPU (names as in `get_registers`).
+
+        Every name and value is checked before anything is written (StateError). This adopts
+        registers into the vCPU as it is; it does not make a booted machine out of a fresh one
+        (a fresh machine still boots its image on `start`).
+        """
+        uc = self._paused_vcpu(vcpu).uc
+        regs.write_named(uc, dict(values))
+        uc.ctl_flush_tb()
+
+    def _paused_vcpu(self, vcpu: int) -> _Vcpu:
+        if self.running:
+            raise MachineError("pause the machine before reading or writing registers")
+        if not 0 <= vcpu < len(self._vcpus):
+            raise MachineError(f"no vCPU {vcpu}: this machine has {len(self._vcpus)}")
+        return self._vcpus[vcpu]
 
     def _check_vm(self, vm: dict[str, Any]) -> None:
         if vm.get("ram_base") != RAM_BASE or vm.get("mem_size") != self.memory.size:

@@ -7,6 +7,7 @@ See docs/arm-state.md for the table and for what unicorn cannot reach.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from unicorn import arm64_const as A
@@ -121,3 +122,82 @@ def apply(uc: Uc, s: dict[str, Any]) -> None:
     else:
         uc.cpr_write(*SP_EL1, s["sp_el1"])
         uc.reg_write(A.UC_ARM64_REG_SP, s["sp_el0"])
+
+
+# Names `read_named` / `write_named` accept beyond the map: the architectural aliases the thesis
+# (Xvisor's arch_regs) migrates. `sp` is the SP of the current SPSel, `lr` is X30.
+ALIASES = ("sp", "lr")
+NAMED = frozenset([*INT_NAMES, *ALIASES])
+
+
+def _sp_is_el1(pstate: int) -> bool:
+    """True when the current SP (UC_ARM64_REG_SP) is SP_EL1 (EL1h), else it is SP_EL0."""
+    return (pstate >> 2) & 3 == 1 and bool(pstate & 1)
+
+
+def check_named(values: Mapping[str, int] | Sequence[str]) -> None:
+    """Raise StateError unless every name (and, for a map, every value) can be read/written."""
+    unknown = [n for n in values if n not in NAMED]
+    if unknown:
+        raise StateError(f"unknown or non-integer registers: {', '.join(unknown[:8])} "
+                         f"(V registers are reached through save_state/load_state)")
+    if isinstance(values, dict):
+        for n, v in values.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _U64:
+                raise StateError(f"register {n} value is not a 64-bit unsigned integer")
+        if "pstate" in values and (values["pstate"] >> 2) & 3 > 1:
+            raise StateError(f"PSTATE {values['pstate']:#x} is above EL1; this board runs EL0/EL1")
+
+
+def read_named(uc: Uc, names: Sequence[str]) -> dict[str, int]:
+    """Read the named 64-bit registers (map names, `sp`, `lr`) from a stopped vCPU."""
+    check_named(names)
+    pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+    out: dict[str, int] = {}
+    for n in names:
+        if n in GPRS:
+            out[n] = uc.reg_read(GPRS[n])
+        elif n == "lr":
+            out[n] = uc.reg_read(A.UC_ARM64_REG_X30)
+        elif n == "sp":
+            out[n] = uc.reg_read(A.UC_ARM64_REG_SP)
+        elif n == "pstate":
+            out[n] = pstate
+        elif n in SPECIAL:
+            out[n] = uc.reg_read(SPECIAL[n])
+        elif n in ("sp_el0", "sp_el1"):
+            current = (n == "sp_el1") == _sp_is_el1(pstate)
+            out[n] = uc.reg_read(A.UC_ARM64_REG_SP) if current else uc.cpr_read(
+                *(SP_EL0 if n == "sp_el0" else SP_EL1))
+        else:
+            out[n] = uc.cpr_read(*SYSREGS[n])
+    return out
+
+
+def write_named(uc: Uc, values: Mapping[str, int]) -> None:
+    """Write the named 64-bit registers into a stopped vCPU; checks everything first.
+
+    PSTATE goes first, since it decides which stack pointer `sp` names.
+    """
+    check_named(values)
+    if "pstate" in values:
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, values["pstate"])
+    pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+    for n, v in values.items():
+        if n in GPRS:
+            uc.reg_write(GPRS[n], v)
+        elif n == "lr":
+            uc.reg_write(A.UC_ARM64_REG_X30, v)
+        elif n == "sp":
+            uc.reg_write(A.UC_ARM64_REG_SP, v)
+        elif n == "pstate":
+            continue
+        elif n in SPECIAL:
+            uc.reg_write(SPECIAL[n], v)
+        elif n in ("sp_el0", "sp_el1"):
+            if (n == "sp_el1") == _sp_is_el1(pstate):
+                uc.reg_write(A.UC_ARM64_REG_SP, v)
+            else:
+                uc.cpr_write(*(SP_EL0 if n == "sp_el0" else SP_EL1), v)
+        else:
+            uc.cpr_write(*SYSREGS[n], v)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from livemig.cli.control import request
+from livemig.control import request
 from livemig.images import guest_image
 
 NS_SRC, NS_DST = "lmdemo-src", "lmdemo-dst"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -12,38 +11,14 @@ import click
 
 from livemig import snapshot
 from livemig.cli import bench_cmds, demo, migrate_cmds
-from livemig.cli.control import ControlError, request
 from livemig.cli.migrate_cmds import register_migration_controls
+from livemig.cli.options import ARCH, SIZE
 from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
 from livemig.contract import Arch, ImageError, MachineConfig, MachineError
+from livemig.control import ControlError, request
 
 EXIT_USAGE = 2
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'512M', '1G', '4096' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 512M, 1G)")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
-
-
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except click.BadParameter as e:
-            self.fail(str(e.message), param, ctx)
-
-
-SIZE = SizeType()
-ARCH = click.Choice([a.value for a in Arch])
 
 
 @click.group()

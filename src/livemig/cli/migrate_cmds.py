@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from livemig.cli.control import ControlError, request
 from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
 from livemig.contract import MachineConfig
+from livemig.control import ControlError, request
 from livemig.migration import (
     CommitUnconfirmed,
     MigrationError,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from livemig import snapshot
-from livemig.cli.control import ControlError, ControlServer
 from livemig.contract import Arch, Machine, MachineConfig, MachineError
+from livemig.control import ControlError, ControlServer
 
 ConsoleSink = Callable[[bytes], None]
 

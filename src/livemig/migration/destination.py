@@ -24,7 +24,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
 from livemig.migration import hello as hello_mod
-from livemig.migration import pages, records
+from livemig.migration import pages, records, scan
 from livemig.migration.errors import (
     CommitUnconfirmed,
     ConnectionLost,
@@ -196,7 +196,7 @@ class Destination:
         state = MachineState.decode(d["state"])
         self.source_probe = d.get("probe") or {}
         if self.verify is not None:
-            problem = self.verify.check(self.ram)
+            problem = self.verify.check(self.ram, scan.populated(self.machine.memory))
             if problem:
                 raise MigrationError(problem + "; refusing to COMMIT")
             self.stats.verified_memory = True

@@ -6,13 +6,16 @@ from livemig.probe import ProbeKind, ProbeLog
 
 
 def guest_gap_ms(source: ProbeLog, since: float, first_dest: float | None) -> float | None:
-    """Largest gap between consecutive heartbeats from `since` (wall time) at the source, then
+    """Largest gap between consecutive heartbeats from the last one before `since` (wall time,
+    the migration's start) at the source, then
     from the source's last heartbeat to the destination's first (`first_dest`, wall time).
 
     None when the guest sent no heartbeat at the source or none arrived at the destination.
     Across hosts the figure is only as good as the two clocks' agreement.
     """
-    times = [e.time for e in source.events(ProbeKind.HEARTBEAT) if e.time >= since]
+    beats = [e.time for e in source.events(ProbeKind.HEARTBEAT)]
+    before = [t for t in beats if t < since]
+    times = before[-1:] + [t for t in beats if t >= since]
     if not times or first_dest is None:
         return None
     times.append(first_dest)

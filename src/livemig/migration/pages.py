@@ -28,7 +28,7 @@ import numpy as np
 from livemig.contract import PAGE_SIZE
 from livemig.migration.errors import ProtocolError
 
-MAX_BATCH = 1024  # pages per PAGES record (4 MiB of raw data)
+MAX_BATCH = 256  # pages per PAGES record (1 MiB of raw data: stays in cache for the CRC)
 _HEAD = struct.Struct("<II")
 
 
@@ -86,7 +86,11 @@ class BatchEncoder:
         if not 0 < n <= MAX_BATCH:
             raise ValueError(f"batch of {n} pages")
         copy = self._buf[:n]
-        np.take(self.ram, idx, axis=0, out=copy)
+        first = int(idx[0])
+        if int(idx[-1]) - first == n - 1 and is_run(idx):
+            copy[:] = self.ram[first : first + n]  # one memcpy for a run of pages
+        else:
+            np.take(self.ram, idx, axis=0, out=copy)
         nonzero = copy.view(np.uint64).any(axis=1)
         nraw = int(np.count_nonzero(nonzero))
         data = copy if nraw == n else copy[nonzero]
@@ -153,4 +157,14 @@ def apply(batch: DecodedBatch, ram_pages: np.ndarray) -> None:
         ram_pages[batch.idx[zero]] = 0
     if np.any(raw):
         data = np.frombuffer(batch.data, np.uint8).reshape(-1, PAGE_SIZE)
-        ram_pages[batch.idx[raw]] = data
+        idx = batch.idx[raw]
+        first = int(idx[0])
+        if int(idx[-1]) - first == len(idx) - 1 and is_run(idx):
+            ram_pages[first : first + len(idx)] = data  # one memcpy for a run of pages
+        else:
+            ram_pages[idx] = data
+
+
+def is_run(idx: np.ndarray) -> bool:
+    """True when `idx` is consecutive page numbers in increasing order."""
+    return len(idx) < 2 or bool(np.all(np.diff(idx) == 1))

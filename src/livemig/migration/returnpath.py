@@ -58,7 +58,8 @@ class ReturnPath:
             raise ConnectionLost(
                 f"destination did not answer {rtype.name} within {timeout:.0f} s"
             ) from None
-        self.check()
+        if rec.type is RecordType.ERROR:
+            self.check()
         if rec.type is not rtype:
             raise ProtocolError(f"destination sent {rec.type.name} where {rtype.name} was due")
         return rec

@@ -24,7 +24,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, Machine
 from livemig.migration import hello as hello_mod
-from livemig.migration import records, verify
+from livemig.migration import records, scan, verify
 from livemig.migration.errors import (
     Cancelled,
     CommitUnconfirmed,
@@ -92,6 +92,7 @@ class Source:
         self._t0 = 0.0
         self._wall0 = 0.0
         self._paused_at = 0.0
+        self._step_t = 0.0
         self.m_throttle = 0.0
         self.stop_reason = ""
 
@@ -121,6 +122,12 @@ class Source:
             err.stats = self.stats  # type: ignore[attr-defined]
             raise err from e
         return self.stats
+
+    def _step(self, name: str) -> None:
+        """Close the current switch-over step (timed since the previous one)."""
+        now = time.monotonic()
+        self.stats.switchover_ms[name] = (now - self._step_t) * 1000
+        self._step_t = now
 
     def _ms(self) -> float:
         return (time.monotonic() - self._t0) * 1000
@@ -224,10 +231,8 @@ class Source:
         self.stats.rounds.append(rs)
         t = time.monotonic()
         if idx is None:
-            for start in range(0, len(self.ram), SCAN_CHUNK):
-                chunk = self.ram[start : start + SCAN_CHUNK].view(np.uint64)
-                nz = np.flatnonzero(chunk.any(axis=1)) + start
-                self._send_pages(nz, rs, len(self.ram) - start - len(chunk))
+            for nz in scan.iter_nonzero(self.ram, scan.populated(self.m.memory), SCAN_CHUNK):
+                self._send_pages(nz, rs)
         else:
             self._send_pages(idx, rs)
         self._send(RecordType.ROUND_END, records.pack({"round": number,
@@ -266,16 +271,21 @@ class Source:
         self._pause()
         final = np.union1d(dirty, np.flatnonzero(self.m.memory.fetch_dirty()))
         self.m.memory.stop_dirty_log()
+        self._step("dirty-bitmap")
         self._round(number + 1, final)
+        self._step("last-round")
 
     def _stop_copy(self) -> None:
         self._pause()
         self._round(1, None)
+        self._step("last-round")
 
     def _pause(self) -> None:
+        self._step_t = time.monotonic()
         self.m.pause()
         self.paused = True
         self._paused_at = time.monotonic()
+        self._step("pause")
         self.state = SourceState.SWITCHOVER
 
     # -- switch-over ----------------------------------------------------------------------
@@ -283,11 +293,14 @@ class Source:
     def _switchover(self) -> None:
         if self.opts.verify_memory:
             self._send_verify()
+            self._step("verify")
         self._check()
         st = self.m.save_state()
         payload = {"state": st.encode(), "probe": self.m.probe.state()}
+        self._step("save-state")
         self._send(RecordType.STATE, records.pack(payload))
         self.ret.expect(RecordType.READY, timeout=self.opts.commit_timeout_s)
+        self._step("until-ready")
         self.state = SourceState.READY
         if self.cancel.is_set():
             raise Cancelled("migration cancelled before COMMIT; the source machine resumes")
@@ -300,6 +313,7 @@ class Source:
                 f"COMMIT sent but the destination never confirmed RUNNING ({e}); both sides "
                 "stay paused: check the destination before resuming anything"
             ) from e
+        self._step("until-running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1000
         self.stats.total_ms = self._ms()
         self.state = SourceState.COMPLETED
@@ -310,7 +324,7 @@ class Source:
 
     def _send_verify(self) -> None:
         key = verify.new_key()
-        digests = verify.page_digests(self.ram, key)
+        digests = verify.page_digests(self.ram, key, scan.populated(self.m.memory))
         step = verify.PAGES_PER_RECORD
         for first in range(0, len(digests), step):
             self._check()

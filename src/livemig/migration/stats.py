@@ -44,6 +44,8 @@ class MigrationStats:
     guest_gap_ms: float | None = None
     verified_memory: bool | None = None  # None when not asked for
     error: str | None = None
+    # Milliseconds spent in each step of the switch-over (pause, last-round, verify, state, ...).
+    switchover_ms: dict[str, float] = field(default_factory=dict)
 
     def pages(self) -> dict[str, int]:
         """Pages per encoding over all rounds."""
@@ -70,6 +72,7 @@ class MigrationStats:
             "bandwidth": round(self.bandwidth, 1),
             "throttle": self.throttle,
             "error": self.error,
+            "switchover_ms": {k: round(v, 3) for k, v in self.switchover_ms.items()},
             "round_detail": [asdict(r) for r in self.rounds],
         }
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE
 from livemig.migration.errors import ProtocolError
+from livemig.migration.scan import nonzero_pages
 
 DIGEST_SIZE = 16
 KEY_SIZE = 32
@@ -27,16 +28,21 @@ def new_key() -> bytes:
     return os.urandom(KEY_SIZE)
 
 
-def page_digests(ram_pages: np.ndarray, key: bytes) -> np.ndarray:
-    """(npages, DIGEST_SIZE) uint8 array: keyed BLAKE3 of every page."""
+def page_digests(
+    ram_pages: np.ndarray, key: bytes, candidates: np.ndarray | None = None
+) -> np.ndarray:
+    """(npages, DIGEST_SIZE) uint8 array: keyed BLAKE3 of every page. Pages outside
+    `candidates` (bool per page, see scan.populated) are known to be zero."""
     n = len(ram_pages)
     out = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
-    nonzero = ram_pages.view(np.uint64).any(axis=1)
+    if candidates is None:
+        candidates = np.ones(n, dtype=bool)
+    nonzero = nonzero_pages(ram_pages, candidates)
     out[:] = np.frombuffer(
         blake3.blake3(bytes(PAGE_SIZE), key=key).digest(DIGEST_SIZE), np.uint8
     )
     flat = ram_pages.reshape(-1).data
-    for i in np.flatnonzero(nonzero).tolist():
+    for i in nonzero.tolist():
         d = blake3.blake3(flat[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], key=key).digest(DIGEST_SIZE)
         out[i] = np.frombuffer(d, np.uint8)
     return out
@@ -72,11 +78,11 @@ class VerifyTable:
         self.digests[first : first + n] = arr
         self.covered[first : first + n] = True
 
-    def check(self, ram_pages: np.ndarray) -> str | None:
+    def check(self, ram_pages: np.ndarray, candidates: np.ndarray | None = None) -> str | None:
         """None when every page matches, else a message naming the damage."""
         if self.key is None or not self.covered.all():
             return "memory verification incomplete: digests missing for some pages"
-        got = page_digests(ram_pages, self.key)
+        got = page_digests(ram_pages, self.key, candidates)
         bad = np.flatnonzero(np.any(got != self.digests, axis=1))
         if len(bad) == 0:
             return None
