@@ -55,18 +55,19 @@ def test_hotset_heartbeats_increase(boot, vcpus: int) -> None:
 
 
 def test_verify_passes_with_two_vcpus(boot) -> None:
-    m = boot("verify", mem=512 << 20, vcpus=2, cmdline="wss=64M rate=20000")
+    m = boot("verify", mem=512 << 20, vcpus=2, cmdline="wss=4M rate=2000")
     wait_for(lambda: m.probe.counts[ProbeKind.OK] >= 3 or m.error, 30, "3 verify passes")
     assert_no_failure(m)
 
 
 def test_verify_detects_corruption(boot) -> None:
-    m = boot("verify", mem=256 << 20, vcpus=1, cmdline="wss=16M rate=1000")
+    m = boot("verify", mem=256 << 20, vcpus=1, cmdline="wss=4M rate=1000")
     wait_for(lambda: m.probe.counts[ProbeKind.OK] >= 1, 30, "a verify pass")
     m.pause()
-    # Flip a byte in every page of the top half of RAM: some of them hold the verify region.
+    # Flip a byte in every page above 4 MiB: the verify region starts below and runs past it
+    # ("verify info pages=... at 0x210000"); image, stacks and page tables lie lower.
     ram = np.frombuffer(m.memory.view(), dtype=np.uint8).reshape(-1, 4096)
-    ram[ram.shape[0] // 8:, 100] ^= 0x5A
+    ram[(4 << 20) // 4096:, 100] ^= 0x5A
     m.resume()
     wait_for(lambda: m.probe.counts[ProbeKind.FAIL] >= 1 or m.error, 30, "a verify failure")
 

@@ -66,12 +66,10 @@ class Proxy:
                 seen += len(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        try:  # pass the end on, but let the other direction finish (an ERROR may be in it)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 class Dest:

@@ -52,7 +52,9 @@ def boot(guest: str) -> Any:
     m.start()
     deadline = time.monotonic() + 10
     while m.probe.counts[ProbeKind.HEARTBEAT] < 2:
-        assert time.monotonic() < deadline, f"{guest} never sent a heartbeat: {m.error}"
+        if time.monotonic() > deadline or m.error:
+            m.close()  # a stuck guest must not load the machine for the tests after it
+            pytest.fail(f"{guest} never sent a heartbeat: {m.error}")
         time.sleep(0.02)
     return m
 
@@ -84,9 +86,12 @@ def last_beat(m: Any) -> int:
 
 
 def healthy_for(m: Any, seconds: float) -> None:
-    """The guest keeps heartbeating and reports no failure."""
+    """The guest keeps heartbeating (a new beat within `seconds` + 3 s) and reports no failure."""
     start = last_beat(m)
     time.sleep(seconds)
+    deadline = time.monotonic() + 3
+    while last_beat(m) <= start and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert m.error is None, m.error
     assert m.probe.first_failure is None, m.probe.first_failure
     assert last_beat(m) > start

@@ -19,7 +19,7 @@ def assert_clean_error(res, fragment: str) -> None:
 
 
 @needs_kvm
-@pytest.mark.parametrize("workload,cmdline", [("verify", "wss=128M rate=20000"),
+@pytest.mark.parametrize("workload,cmdline", [("verify", "wss=4M rate=2000"),
                                               ("cpustate", "hb=50")])
 def test_save_restore_in_another_process(machines, tmp_path: Path, workload: str,
                                          cmdline: str) -> None:
