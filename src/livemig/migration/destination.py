@@ -128,6 +128,7 @@ class Destination:
         if not isinstance(e, (ConnectionLost, RemoteError)):
             try:
                 send_record(self.sock, RecordType.ERROR, str(e).encode()[:4096])
+                self._drain()
             except MigrationError:
                 pass
         if self.state is not DestState.ABORTED:
@@ -136,6 +137,18 @@ class Destination:
         if self.machine is not None:
             self.machine.close()
             self.machine = None
+
+    def _drain(self, timeout: float = 2.0) -> None:
+        """Half-close, then read and drop until the source closes (or `timeout`): closing
+        with unread input would send a reset, which can destroy the ERROR in flight."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(timeout)
+            end = time.monotonic() + timeout
+            while time.monotonic() < end and self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _on_hello(self, rec: Record) -> None:
         offer = hello_mod.Hello.decode(rec.payload)

@@ -45,6 +45,11 @@ class ReturnPath:
                 continue
             self._queue.put(Record(rec.type, memoryview(bytes(rec.payload))))
 
+    def settle(self, timeout: float = 1.0) -> None:
+        """After a send failed: give the reader time to pick up the destination's ERROR."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def check(self) -> None:
         """Raise what the destination reported, if anything."""
         if self.failure is not None:

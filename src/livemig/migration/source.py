@@ -210,6 +210,7 @@ class Source:
         try:
             n = send_buffers(self.sock, frame(rtype, *parts))
         except ConnectionLost:
+            self.ret.settle()
             self.ret.check()  # prefer the destination's own reason, if it gave one
             raise
         self.stats.bytes_sent += n
