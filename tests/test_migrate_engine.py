@@ -30,7 +30,7 @@ from livemig.migration import (
     receive,
     wire,
 )
-from livemig.migration.memmachine import MemoryMachine, memory_config
+from memmachine import MemoryMachine, memory_config
 
 MODES = [Mode.PRECOPY, Mode.STOP_COPY]
 

@@ -91,7 +91,7 @@ class BatchEncoder:
             copy[:] = self.ram[first : first + n]  # one memcpy for a run of pages
         else:
             np.take(self.ram, idx, axis=0, out=copy)
-        nonzero = copy.view(np.uint64).any(axis=1)
+        nonzero = _nonzero_pages(copy)
         nraw = int(np.count_nonzero(nonzero))
         data = copy if nraw == n else copy[nonzero]
         enc = nonzero.astype(np.uint8)  # RAW = 1, ZERO = 0
@@ -163,6 +163,17 @@ def apply(batch: DecodedBatch, ram_pages: np.ndarray) -> None:
             ram_pages[first : first + len(idx)] = data  # one memcpy for a run of pages
         else:
             ram_pages[idx] = data
+
+
+def _nonzero_pages(pages: np.ndarray) -> np.ndarray:
+    """Bool per page: holds a non-zero byte. A page whose first or last word is set is
+    non-zero without reading the rest, so only the doubtful pages are scanned whole."""
+    words = pages.view(np.uint64)
+    nonzero = (words[:, 0] != 0) | (words[:, -1] != 0)
+    doubtful = np.flatnonzero(~nonzero)
+    if len(doubtful):
+        nonzero[doubtful] = words[doubtful].any(axis=1)
+    return nonzero
 
 
 def is_run(idx: np.ndarray) -> bool:

@@ -254,7 +254,8 @@ class Source:
             rs = self._round(number, idx)
             self._live_time += time.monotonic() - t
             self._live_bytes += rs.bytes_sent
-            dirty = np.flatnonzero(self.m.memory.fetch_dirty())
+            dirty_mask = self.m.memory.fetch_dirty()
+            dirty = np.flatnonzero(dirty_mask)
             rs.dirty_pages = len(dirty)
             elapsed = max(rs.duration_ms / 1000, 1e-6)
             self.stats.dirty_rate = len(dirty) / elapsed
@@ -270,7 +271,8 @@ class Source:
             idx = dirty
             number += 1
         self._pause()
-        final = np.union1d(dirty, np.flatnonzero(self.m.memory.fetch_dirty()))
+        # Pages dirtied during the last live round and since: a mask OR, not a sorted union.
+        final = np.flatnonzero(dirty_mask | self.m.memory.fetch_dirty())
         self.m.memory.stop_dirty_log()
         self._step("dirty-bitmap")
         self._round(number + 1, final)

@@ -1,4 +1,4 @@
-"""A machine with RAM and no CPU, implementing the contract in plain Python.
+"""Test double for protocol tests: a machine with RAM and no CPU, implementing the contract.
 
 It lets the engine be exercised and measured without a hypervisor: `scribble` writes pages
 the way a guest would (and marks them dirty), `save_state` returns a small fixed state. It is
