@@ -1,4 +1,4 @@
-"""Shared test helpers: real guests on real KVM, machine processes driven by their control socket."""
+"""Shared test helpers: real guests on real KVM, machine processes and their control sockets."""
 
 from __future__ import annotations
 

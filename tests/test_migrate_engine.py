@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from memmachine import MemoryMachine, memory_config
 
 from livemig.contract import MachineConfig
 from livemig.migration import (
@@ -30,7 +31,6 @@ from livemig.migration import (
     receive,
     wire,
 )
-from memmachine import MemoryMachine, memory_config
 
 MODES = [Mode.PRECOPY, Mode.STOP_COPY]
 
