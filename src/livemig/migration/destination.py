@@ -32,6 +32,7 @@ from livemig.migration.errors import (
     ProtocolError,
     RemoteError,
 )
+from livemig.migration.prefault import Prefaulter
 from livemig.migration.stats import MigrationStats, RoundStats
 from livemig.migration.transport import tune
 from livemig.migration.verify import VerifyTable
@@ -76,6 +77,7 @@ class Destination:
         self.stats = MigrationStats()
         self.machine: Machine | None = None
         self.ram: np.ndarray | None = None
+        self.prefault: Prefaulter | None = None
         self.encodings: set[pages.Encoding] = set()
         self.features: list[str] = []
         self.verify: VerifyTable | None = None
@@ -115,6 +117,7 @@ class Destination:
         return self.machine, self.stats
 
     def _fail(self, e: MigrationError) -> None:
+        self._stop_prefault()
         self.stats.error = str(e)
         if self.state is DestState.READY and isinstance(e, ConnectionLost):
             self.state = DestState.COMMIT_UNKNOWN
@@ -171,6 +174,7 @@ class Destination:
         cfg = MachineConfig.from_dict(d["machine"])
         self.stats.mode = str(d.get("mode", ""))
         self.machine = self.build(cfg)
+        self._start_prefault(d.get("populated"))
         view = np.frombuffer(self.machine.memory.view(), dtype=np.uint8)
         self.ram = view.reshape(-1, PAGE_SIZE)
         if hello_mod.FEATURE_VERIFY in self.features:
@@ -179,6 +183,23 @@ class Destination:
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
+
+    def _start_prefault(self, hint: object) -> None:
+        """Populate the RAM ranges the source says hold data (a hint: ignored if malformed)."""
+        assert self.machine is not None
+        npages = self.machine.memory.size // PAGE_SIZE
+        if not isinstance(hint, list):
+            return
+        runs = [(int(r[0]), int(r[1])) for r in hint
+                if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)]
+        runs = [(a, n) for a, n in runs if 0 <= a < npages and 0 < n <= npages - a]
+        if runs:
+            self.prefault = Prefaulter(self.machine.memory.view(), runs)
+
+    def _stop_prefault(self) -> None:
+        if self.prefault is not None:
+            self.prefault.stop()
+            self.prefault = None
 
     def _on_pages(self, rec: Record) -> None:
         assert self.ram is not None
@@ -203,6 +224,7 @@ class Destination:
 
     def _on_state(self, rec: Record) -> None:
         assert self.machine is not None and self.ram is not None
+        self._stop_prefault()
         d = records.unpack(rec.payload, "STATE", ("state",))
         if not isinstance(d["state"], bytes):
             raise ProtocolError("STATE record: state is not a byte string")

@@ -55,7 +55,18 @@ def iter_nonzero(
     for start, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
         for a in range(start, end, chunk):
             b = min(end, a + chunk)
-            yield np.flatnonzero(ram_pages[a:b].view(np.uint64).any(axis=1)) + a
+            yield np.flatnonzero(nonzero_in(ram_pages[a:b])) + a
+
+
+def nonzero_in(pages: np.ndarray) -> np.ndarray:
+    """Bool per page: holds a non-zero byte. A page whose first or last word is set is
+    non-zero without reading the rest, so only the doubtful pages are scanned whole."""
+    words = pages.view(np.uint64)
+    nonzero = (words[:, 0] != 0) | (words[:, -1] != 0)
+    doubtful = np.flatnonzero(~nonzero)
+    if len(doubtful):
+        nonzero[doubtful] = words[doubtful].any(axis=1)
+    return nonzero
 
 
 def nonzero_pages(ram_pages: np.ndarray, candidates: np.ndarray) -> np.ndarray:

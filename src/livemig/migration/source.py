@@ -36,6 +36,7 @@ from livemig.migration.gap import guest_gap_ms
 from livemig.migration.options import MigrationOptions, Mode
 from livemig.migration.pages import MAX_BATCH, SUPPORTED, BatchEncoder, Encoding
 from livemig.migration.precopy import Convergence
+from livemig.migration.prefault import extents
 from livemig.migration.returnpath import ReturnPath
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
 from livemig.migration.transport import RateLimiter, tune
@@ -182,8 +183,10 @@ class Source:
         self.state = SourceState.NEGOTIATED
 
     def _configure(self) -> None:
+        # "populated": where RAM holds data, a hint for the destination's prefaulting.
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
-               "mode": self.opts.mode.value}
+               "mode": self.opts.mode.value,
+               "populated": [list(r) for r in extents(scan.populated(self.m.memory))]}
         send_record(self.sock, RecordType.CONFIG, records.pack(cfg))
         self.ret.expect(RecordType.CONFIG_OK, timeout=60)
         self.state = SourceState.CONFIGURED
@@ -198,7 +201,7 @@ class Source:
     def _send_pages(self, idx: np.ndarray, rs: RoundStats, remaining: int = 0) -> None:
         for i in range(0, len(idx), MAX_BATCH):
             self._check()
-            b = self.encoder.encode(idx[i : i + MAX_BATCH])
+            b = self.encoder.encode(idx[i : i + MAX_BATCH], frozen=self.paused)
             n = self._send(RecordType.PAGES, b.meta, b.data)
             rs.bytes_sent += n
             rs.add("zero", b.zero)
