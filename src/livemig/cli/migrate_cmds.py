@@ -13,7 +13,13 @@ from typing import Any
 
 import click
 
-from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
+from livemig.cli.runner import (
+    MachineHost,
+    build_machine,
+    default_control_path,
+    open_console,
+    preload_backends,
+)
 from livemig.contract import MachineConfig
 from livemig.control import ControlError, request
 from livemig.migration import (
@@ -170,6 +176,7 @@ def listen_cmd(host: str, port: int, console: str, control: str | None, once: bo
     """Wait for a machine to migrate in, then run it here with its own control socket."""
     from livemig.cli.main import serve_machine
 
+    preload_backends()
     srv = listen(host, port)
     h, p = srv.getsockname()[:2]
     click.echo(f"livemig: listening for a migration on {h}:{p}", err=True)

@@ -7,6 +7,7 @@ machine has migrated away.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -30,6 +31,13 @@ def build_machine(config: MachineConfig, console: ConsoleSink | None) -> Machine
     from livemig.arm import Armv8Machine
     machine: Machine = Armv8Machine(config, console)
     return machine
+
+
+def preload_backends() -> None:
+    """Import the machine backends now, so that a migration arriving later does not pay for
+    the imports inside its setup time."""
+    for name in ("livemig.machine", "livemig.arm"):
+        importlib.import_module(name)
 
 
 def open_console(spec: str | None) -> tuple[ConsoleSink | None, Callable[[], None]]:
