@@ -9,7 +9,7 @@ import click
 
 from livemig.bench import rawcopy, report
 from livemig.bench.qemu import QemuError, QemuMigrationConfig, run_qemu_migration
-from livemig.bench.scenario import LivemigScenario, run_livemig
+from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
 from livemig.cli.bench_cpustate import cpu_state
 from livemig.cli.options import SIZE
 from livemig.images import guest_image
@@ -47,8 +47,11 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
     theirs: list[dict[str, Any]] = []
     raw: list[float] = []
     for i in range(1, repeat + 1):  # interleaved, so that noise hits every side alike
-        r = run_livemig(LivemigScenario("hotset", str(mem), vcpus, cmdline, "precopy",
-                                        ["--max-downtime", str(max_downtime)]))
+        try:
+            r = run_livemig(LivemigScenario("hotset", str(mem), vcpus, cmdline, "precopy",
+                                            ["--max-downtime", str(max_downtime)]))
+        except ScenarioError as e:
+            raise click.ClickException(f"livemig scenario: {e}") from e
         ours.append(r)
         say(_line("livemig", i, repeat, r))
         if vs_qemu:

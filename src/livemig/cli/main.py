@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -14,7 +15,7 @@ from livemig.cli import bench_cmds, demo, migrate_cmds
 from livemig.cli.migrate_cmds import register_migration_controls
 from livemig.cli.options import ARCH, SIZE
 from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
-from livemig.contract import Arch, ImageError, MachineConfig, MachineError
+from livemig.contract import Arch, ImageError, Machine, MachineConfig, MachineError
 from livemig.control import ControlError, request
 
 EXIT_USAGE = 2
@@ -36,6 +37,21 @@ def serve_machine(host: MachineHost, quiet: bool = False) -> None:
         sys.exit(1)
 
 
+def host_machine(machine: Machine, control: str | None, close_console: Callable[[], None],
+                 prepare: Callable[[Machine], None]) -> None:
+    """Prepare and start a new machine, then serve its control socket until it ends; the
+    machine is closed whatever goes wrong on the way."""
+    try:
+        prepare(machine)
+        machine.start()
+        host = MachineHost(machine, control or default_control_path(), close_console)
+        register_migration_controls(host)
+    except BaseException:
+        machine.close()
+        raise
+    serve_machine(host)
+
+
 @cli.command()
 @click.argument("image")
 @click.option("--mem", type=SIZE, default="256M", show_default=True, help="guest RAM")
@@ -51,15 +67,7 @@ def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
         raise ImageError(f"guest image {image} does not exist")
     config = MachineConfig(Arch(arch), mem, vcpus, image, cmdline)
     sink, close = open_console(console)
-    machine = build_machine(config, sink)
-    try:
-        machine.start()
-        host = MachineHost(machine, control or default_control_path(), close)
-        register_migration_controls(host)
-    except BaseException:
-        machine.close()
-        raise
-    serve_machine(host)
+    host_machine(build_machine(config, sink), control, close, lambda m: None)
 
 
 @cli.command()
@@ -101,16 +109,8 @@ def restore(file: str, console: str, control: str | None) -> None:
     """Resume a machine from a snapshot FILE, where it stopped."""
     snap = snapshot.read(file)
     sink, close = open_console(console)
-    machine = build_machine(snap.config, sink)
-    try:
-        snapshot.restore_into(snap, machine)
-        machine.start()
-        host = MachineHost(machine, control or default_control_path(), close)
-        register_migration_controls(host)
-    except BaseException:
-        machine.close()
-        raise
-    serve_machine(host)
+    host_machine(build_machine(snap.config, sink), control, close,
+                 lambda m: snapshot.restore_into(snap, m))
 
 
 for _module in (migrate_cmds, demo, bench_cmds):
