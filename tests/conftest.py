@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,3 +104,32 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., MachineProcess]]:
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LIVEMIG, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
+
+
+class Listener:
+    """A `livemig listen --once` process on loopback; its port is read from what it prints."""
+
+    def __init__(self, tmp: Path, console: Path | None = None, name: str = "dst") -> None:
+        self.control = str(tmp / f"{name}.sock")
+        self.console = console
+        self.proc = subprocess.Popen(
+            [*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0", "--once",
+             "--console", str(console) if console else "none", "--control", self.control],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stderr is not None
+        m = re.search(r":(\d+)\s*$", self.proc.stderr.readline())
+        assert m, "listen did not say its port"
+        self.port = int(m.group(1))
+
+    def ctl(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        from livemig.control import request
+        return request(self.control, cmd, **kw)
+
+    def stop(self) -> str:
+        """Its remaining output; with --once it exits by itself after a refused migration."""
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+        return err

@@ -7,17 +7,15 @@ must leave the source running with its verify workload still reporting OK and ne
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LIVEMIG, MachineProcess, image, needs_kvm, wait_for
+from conftest import Listener, MachineProcess, image, needs_kvm, wait_for
 from test_migrate_engine import Proxy
 
 from livemig.migration import hello, wire
@@ -33,30 +31,6 @@ def source(machines) -> MachineProcess:
                     "--append", "wss=4M rate=1000"], "src")
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
     return src
-
-
-class Listener:
-    """A `livemig listen` process; its port is read from what it prints."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.log = tmp / "dst.log"
-        self.proc = subprocess.Popen(
-            [*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0", "--once",
-             "--console", "none", "--control", str(tmp / "dst.sock")],
-            stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        m = re.search(r":(\d+)\s*$", self.proc.stderr.readline())
-        assert m, "listen did not say its port"
-        self.port = int(m.group(1))
-
-    def stop(self) -> str:
-        """Its remaining output; with --once it exits by itself after a refused migration."""
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        return err
 
 
 def start_migration(src: MachineProcess, port: int, **opts: Any) -> None:

@@ -107,11 +107,11 @@ class ProbeDevice:
     the same instruction, so the low half is held per vCPU until the high half arrives; a pause
     cannot fall between them.
 
-    When unicorn is stopped (pause, end of a slice) while a vCPU is inside an MMIO write, it
-    can re-execute that store on the next run, so one report may arrive twice. Reports are
-    never legitimately repeated (counters increase), so a record equal to the last one from the
-    same vCPU is dropped; the last records travel with the state (`state()`/`load()`) because
-    the replay can happen on the destination, after a migration.
+    A stop from another thread could make unicorn re-execute an MMIO store, so one report could
+    arrive twice (the machine now stops vCPUs only at block starts, where this is not seen:
+    docs/arm-state.md). As a guard, reports are never legitimately repeated (counters
+    increase), so a record equal to the last one from the same vCPU is dropped; the last
+    records travel with the state (`state()`/`load()`).
     """
 
     def __init__(self, log: ProbeLog, ram: memoryview, ram_base: int, vcpus: int) -> None:

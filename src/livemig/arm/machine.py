@@ -2,9 +2,11 @@
 
 Board: RAM at guest-physical RAM_BASE (0x4000_0000, as on QEMU virt), a PL011 UART at
 0x0900_0000, the probe at PROBE_MMIO_BASE (0x0A00_0000).  One unicorn instance per vCPU, each
-run by its own thread in slices (`emu_start` with a timeout; ctypes releases the GIL while the
-guest runs), all mapping the same memfd RAM.  Boot ABI and state layout: docs/guest-abi.md and
-docs/arm-state.md.
+run by its own thread in slices (`emu_start`; ctypes releases the GIL while the guest runs),
+all mapping the same memfd RAM. A slice ends only when the vCPU's own block hook sees a stop
+request (`livemig.arm.stop`): never `emu_stop` from another thread nor unicorn's `timeout`, which
+can make an instruction run twice (docs/arm-state.md). Boot ABI and state layout:
+docs/guest-abi.md and docs/arm-state.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from livemig.arm import regs
 from livemig.arm.devices import UART_BASE, UART_SIZE, Console, Pl011, ProbeDevice
 from livemig.arm.loader import RAM_BASE, load_image, place_cmdline
 from livemig.arm.memory import ArmMemory
+from livemig.arm.stop import StopHook
 from livemig.contract import (
     Arch,
     ConfigError,
@@ -37,8 +40,9 @@ CPU_MODEL = "unicorn-cortex-a72"
 MAX_VCPUS = 4
 MIN_MEM = 16 << 20
 MAX_MEM = 4 << 30  # the guests' identity map covers RAM_BASE .. RAM_BASE + 4 GiB
-SLICE_US = 20_000  # longest a vCPU runs before its thread looks at pause/throttle requests
-_IDLE_S = 0.002  # a slice that ends by itself this early means WFI: sleep before re-entering
+SLICE_S = 0.020  # while throttled: guest time between two of a vCPU's sleeps
+_IDLE_S = 0.002  # a slice that ends by itself (WFI): sleep before re-entering
+_COUNT_SLICE = 200_000  # fallback without the native stop hook: instructions per slice
 _NEVER = 0xFFFF_FFFF_FFFF_FFFC  # `until` address no guest reaches
 _U64 = (1 << 64) - 1
 
@@ -47,6 +51,7 @@ class _Vcpu:
     def __init__(self, index: int, uc: Uc) -> None:
         self.index = index
         self.uc = uc
+        self.stop = StopHook(uc)
         self.thread: threading.Thread | None = None
         self.parked = True
         self.fault: str | None = None
@@ -77,9 +82,12 @@ class Armv8Machine:
         self._started = False
         self._state_loaded = False
         self._throttle = 0.0
+        self._ticker: threading.Thread | None = None
         self.error: str | None = None  # first vCPU fault, else None
         self.stopped = threading.Event()  # set when every vCPU faulted or the machine closed
         self._vcpus = [self._make_vcpu(i) for i in range(config.vcpus)]
+        # False only on hosts where the native stop hook cannot be built (docs/arm-state.md)
+        self.exact_stop = all(v.stop.available for v in self._vcpus)
 
     @property
     def cpu_model(self) -> str:
@@ -158,20 +166,26 @@ class Armv8Machine:
                     self._cond.notify_all()
                     return
                 v.parked = False
+                # Cleared while run is wanted, under the lock: a pause that follows sets it again.
+                v.stop.clear()
             self._slice(v)
 
     def _slice(self, v: _Vcpu) -> None:
         t0 = time.monotonic()
         pc = v.uc.reg_read(A.UC_ARM64_REG_PC)
         try:
-            v.uc.emu_start(pc, _NEVER, timeout=SLICE_US)
+            if self.exact_stop:  # runs until the block hook sees v.stop
+                v.uc.emu_start(pc, _NEVER)
+            else:
+                v.uc.emu_start(pc, _NEVER, count=_COUNT_SLICE)
         except UcError as e:
             self._fault(v, f"{e}")
             return
         ran = time.monotonic() - t0
         pause = ran * self._throttle / (1.0 - self._throttle) if self._throttle else 0.0
-        if ran < _IDLE_S / 2 and self._run_wanted:
-            pause = max(pause, _IDLE_S)
+        by_itself = not v.stop.requested if self.exact_stop else ran < _IDLE_S / 2
+        if by_itself and self._run_wanted:
+            pause = max(pause, _IDLE_S)  # WFI: no interrupt will come, do not spin on it
         if pause:
             with self._cond:
                 self._cond.wait_for(lambda: not self._run_wanted or self._closing, pause)
@@ -194,18 +208,17 @@ class Armv8Machine:
             self.stopped.set()
 
     def pause(self) -> None:
-        """Return once every vCPU thread is parked outside emu_start."""
+        """Return once every vCPU thread is parked outside emu_start.
+
+        Each running vCPU's stop flag is set; its block hook stops it at the start of its next
+        block (exact PC, nothing run twice), and its thread parks.
+        """
         with self._cond:
             self._run_wanted = False
-        while True:
-            with self._cond:
-                if all(v.parked for v in self._vcpus):
-                    return
             for v in self._vcpus:
-                if not v.parked:
-                    v.uc.emu_stop()
-            with self._cond:
-                self._cond.wait(0.001)
+                v.stop.request()
+            self._cond.notify_all()  # wakes threads sleeping for the throttle or after WFI
+            self._cond.wait_for(lambda: all(v.parked for v in self._vcpus))
 
     def resume(self) -> None:
         if not self._started:
@@ -218,7 +231,24 @@ class Armv8Machine:
 
     def set_throttle(self, fraction: float) -> None:
         """Keep vCPUs out of the emulator `fraction` (0..0.99) of the time."""
-        self._throttle = min(max(float(fraction), 0.0), 0.99)
+        with self._cond:
+            self._throttle = min(max(float(fraction), 0.0), 0.99)
+            if self._throttle and self._ticker is None and not self._closing:
+                self._ticker = threading.Thread(target=self._tick, name="arm-throttle",
+                                                daemon=True)
+                self._ticker.start()
+            self._cond.notify_all()
+
+    def _tick(self) -> None:
+        """While throttled, end every vCPU's slice each SLICE_S so that its thread can sleep."""
+        while True:
+            with self._cond:
+                if self._closing or not self._throttle:
+                    self._ticker = None
+                    return
+            time.sleep(SLICE_S)
+            for v in self._vcpus:
+                v.stop.request()
 
     def close(self) -> None:
         """Stop the vCPU threads and free RAM; the machine cannot be used afterwards."""
@@ -228,10 +258,13 @@ class Armv8Machine:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            ticker = self._ticker
         self.stopped.set()
         for v in self._vcpus:
             if v.thread is not None:
                 v.thread.join()
+        if ticker is not None:
+            ticker.join()
         self._vcpus = []
         self._ram.release()
         self.memory.close()

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import click
 
+from livemig.contract import Arch
 from livemig.control import request
 from livemig.images import guest_image
 
 NS_SRC, NS_DST = "lmdemo-src", "lmdemo-dst"
+# (RAM, hotset working set) when not given: the emulated ARM board copies and scans RAM slower
+DEFAULTS = {Arch.X86_64: ("1G", "100M"), Arch.ARM64: ("256M", "32M")}
 ADDR_SRC, ADDR_DST = "10.231.0.1", "10.231.0.2"
 
 
@@ -95,7 +98,7 @@ def _tail(path: Path, n: int) -> list[str]:
 
 
 def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
-             extra: tuple[str, ...]) -> None:
+             extra: tuple[str, ...], arch: Arch = Arch.X86_64) -> None:
     work = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
     src_sock, dst_sock = str(work / "src.sock"), str(work / "dst.sock")
     port = _free_port()
@@ -105,11 +108,11 @@ def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
         procs.append(_spawn(["listen", "--host", host, "--port", str(port), "--control",
                              dst_sock, "--console", str(work / "dst.console")],
                             work / "dst.log", NS_DST if netns else None))
-        procs.append(_spawn(["run", guest_image("hotset"), "--mem", mem, "--vcpus",
-                             str(vcpus), "--append", f"wss={wss}", "--control", src_sock,
-                             "--console", str(work / "src.console")],
+        procs.append(_spawn(["run", guest_image("hotset", arch), "--arch", arch.value,
+                             "--mem", mem, "--vcpus", str(vcpus), "--append", f"wss={wss}",
+                             "--control", src_sock, "--console", str(work / "src.console")],
                             work / "src.log", NS_SRC if netns else None))
-        click.echo(f"source: hotset, {mem} RAM, {vcpus} vCPUs, wss={wss}; "
+        click.echo(f"source: hotset on {arch.value}, {mem} RAM, {vcpus} vCPUs, wss={wss}; "
                    f"destination listening on {host}:{port}")
         _wait(lambda: _heartbeat(src_sock) >= 3, 30, "the guest's first heartbeats")
         for line in _tail(work / "src.console", 3):
@@ -121,6 +124,8 @@ def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
             cmd = ["ip", "netns", "exec", NS_SRC, *cmd]
         if subprocess.run(cmd).returncode:
             raise click.ClickException("migration failed; the source machine kept running")
+        for line in _tail(work / "src.console", 2):
+            click.echo(f"  [source, last] {line}")
         before = _heartbeat(dst_sock)
         _wait(lambda: _heartbeat(dst_sock) > before + 2, 20, "heartbeats on the destination")
         for line in _tail(work / "dst.console", 4):
@@ -142,25 +147,31 @@ def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
 
 
 @click.command()
-@click.option("--mem", default="1G", show_default=True)
+@click.option("--arch", type=click.Choice([a.value for a in Arch]), default=Arch.X86_64.value,
+              show_default=True, help="x86_64 runs on KVM, arm64 on the emulated ARMv8 board")
+@click.option("--mem", default=None, help="guest RAM  [default: 1G on x86_64, 256M on arm64]")
 @click.option("--vcpus", default=2, show_default=True)
-@click.option("--wss", default="100M", show_default=True, help="hotset working set")
+@click.option("--wss", default=None,
+              help="hotset working set  [default: 100M on x86_64, 32M on arm64]")
 @click.option("--netns", is_flag=True, help="two network namespaces joined by a veth pair")
 @click.option("--link", default=None, help="shape the veth link with tc, e.g. 1gbit")
 @click.argument("migrate_args", nargs=-1)
-def demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
-         migrate_args: tuple[str, ...]) -> None:
+def demo(arch: str, mem: str | None, vcpus: int, wss: str | None, netns: bool,
+         link: str | None, migrate_args: tuple[str, ...]) -> None:
     """Boot hotset, migrate it live to another process, show the report and the guest going on.
 
     Extra arguments after `--` go to `livemig migrate` (e.g. `-- --mode stop-copy`).
     """
     if link and not netns:
         raise click.UsageError("--link needs --netns")
+    a = Arch(arch)
+    mem = mem or DEFAULTS[a][0]
+    wss = wss or DEFAULTS[a][1]
     if netns:
         with network_namespaces(link):
-            run_demo(mem, vcpus, wss, True, link, migrate_args)
+            run_demo(mem, vcpus, wss, True, link, migrate_args, a)
     else:
-        run_demo(mem, vcpus, wss, False, None, migrate_args)
+        run_demo(mem, vcpus, wss, False, None, migrate_args, a)
 
 
 def add_commands(cli: click.Group) -> None:
