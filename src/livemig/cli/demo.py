@@ -9,16 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from livemig.bench.pair import MigrationPair, PairError
 from livemig.contract import Arch
 from livemig.control import request
 from livemig.images import guest_image
@@ -27,12 +24,6 @@ NS_SRC, NS_DST = "lmdemo-src", "lmdemo-dst"
 # (RAM, hotset working set) when not given: the emulated ARM board copies and scans RAM slower
 DEFAULTS = {Arch.X86_64: ("1G", "100M"), Arch.ARM64: ("256M", "32M")}
 ADDR_SRC, ADDR_DST = "10.231.0.1", "10.231.0.2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(*cmd: str) -> None:
@@ -65,31 +56,6 @@ def network_namespaces(link: str | None) -> Iterator[None]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def _spawn(args: list[str], log: Path, netns: str | None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "livemig", *args]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-
-
-def _wait(pred: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(pred) and pred():
-            return
-        time.sleep(0.1)
-    raise click.ClickException(f"demo: timed out waiting for {what}")
-
-
-def _heartbeat(sock: str) -> int:
-    try:
-        last = request(sock, "status", timeout=5)["probe"]["last_heartbeat"]
-    except Exception:
-        return -1
-    return -1 if last is None else int(last["value"])
-
-
 def _tail(path: Path, n: int) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-n:]
@@ -97,53 +63,41 @@ def _tail(path: Path, n: int) -> list[str]:
         return []
 
 
-def run_demo(mem: str, vcpus: int, wss: str, netns: bool, link: str | None,
-             extra: tuple[str, ...], arch: Arch = Arch.X86_64) -> None:
-    work = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
-    src_sock, dst_sock = str(work / "src.sock"), str(work / "dst.sock")
-    port = _free_port()
-    host = ADDR_DST if netns else "127.0.0.1"
-    procs: list[subprocess.Popen[bytes]] = []
+def run_demo(mem: str, vcpus: int, wss: str, netns: bool, extra: tuple[str, ...],
+             arch: Arch = Arch.X86_64) -> None:
+    ns = (["ip", "netns", "exec", NS_SRC], ["ip", "netns", "exec", NS_DST]) if netns else ([], [])
     try:
-        procs.append(_spawn(["listen", "--host", host, "--port", str(port), "--control",
-                             dst_sock, "--console", str(work / "dst.console")],
-                            work / "dst.log", NS_DST if netns else None))
-        procs.append(_spawn(["run", guest_image("hotset", arch), "--arch", arch.value,
-                             "--mem", mem, "--vcpus", str(vcpus), "--append", f"wss={wss}",
-                             "--control", src_sock, "--console", str(work / "src.console")],
-                            work / "src.log", NS_SRC if netns else None))
+        pair = MigrationPair(guest_image("hotset", arch), mem, vcpus, f"wss={wss}", arch.value,
+                             ADDR_DST if netns else "127.0.0.1", *ns)
+    except PairError as e:
+        raise click.ClickException(str(e)) from e
+    with pair:
         click.echo(f"source: hotset on {arch.value}, {mem} RAM, {vcpus} vCPUs, wss={wss}; "
-                   f"destination listening on {host}:{port}")
-        _wait(lambda: _heartbeat(src_sock) >= 3, 30, "the guest's first heartbeats")
-        for line in _tail(work / "src.console", 3):
+                   f"destination listening on {pair.target}")
+        _show_run(pair, extra)
+
+
+def _show_run(pair: MigrationPair, extra: tuple[str, ...]) -> None:
+    try:
+        pair.wait(lambda: pair.heartbeat(pair.src_sock) >= 3, 30, "the guest's first heartbeats")
+        for line in _tail(pair.src_console, 3):
             click.echo(f"  [source]      {line}")
-        click.echo(f"migrating live to {host}:{port} ...")
-        cmd = [sys.executable, "-m", "livemig", "migrate", src_sock, "--to", f"{host}:{port}",
-               *extra]
-        if netns:
-            cmd = ["ip", "netns", "exec", NS_SRC, *cmd]
-        if subprocess.run(cmd).returncode:
+        click.echo(f"migrating live to {pair.target} ...")
+        if pair.migrate(list(extra), capture=False).returncode:
             raise click.ClickException("migration failed; the source machine kept running")
-        for line in _tail(work / "src.console", 2):
+        for line in _tail(pair.src_console, 2):
             click.echo(f"  [source, last] {line}")
-        before = _heartbeat(dst_sock)
-        _wait(lambda: _heartbeat(dst_sock) > before + 2, 20, "heartbeats on the destination")
-        for line in _tail(work / "dst.console", 4):
-            click.echo(f"  [destination] {line}")
-        status = request(dst_sock, "status")
-        click.echo(f"destination: {status['state']}, last heartbeat "
-                   f"{status['probe']['last_heartbeat']['value']}, "
-                   f"failures {status['probe']['counts']['fail']}")
-    finally:
-        for sock in (dst_sock, src_sock):
-            with contextlib.suppress(Exception):
-                request(sock, "quit", timeout=5)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        before = pair.heartbeat(pair.dst_sock)
+        pair.wait(lambda: pair.heartbeat(pair.dst_sock) > before + 2, 20,
+                  "heartbeats on the destination", alive=[pair.dst])
+    except PairError as e:
+        raise click.ClickException(str(e)) from e
+    for line in _tail(pair.dst_console, 4):
+        click.echo(f"  [destination] {line}")
+    status = request(pair.dst_sock, "status")
+    click.echo(f"destination: {status['state']}, last heartbeat "
+               f"{status['probe']['last_heartbeat']['value']}, "
+               f"failures {status['probe']['counts']['fail']}")
 
 
 @click.command()
@@ -169,9 +123,9 @@ def demo(arch: str, mem: str | None, vcpus: int, wss: str | None, netns: bool,
     wss = wss or DEFAULTS[a][1]
     if netns:
         with network_namespaces(link):
-            run_demo(mem, vcpus, wss, True, link, migrate_args, a)
+            run_demo(mem, vcpus, wss, True, migrate_args, a)
     else:
-        run_demo(mem, vcpus, wss, False, None, migrate_args, a)
+        run_demo(mem, vcpus, wss, False, migrate_args, a)
 
 
 def add_commands(cli: click.Group) -> None:
