@@ -281,8 +281,11 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())
     stats = q.get("stats") or {"status": q.get("status")}
     if as_json:
+        # The documented summary first; then the detail (bandwidth, dirty rate, the
+        # switch-over steps, each round) for whoever wants to look further.
         keys = ("status", "mode", "total_ms", "downtime_ms", "setup_ms", "rounds", "bytes_sent",
-                "pages", "guest_gap_ms", "verified_memory", "throttle", "error")
+                "pages", "guest_gap_ms", "verified_memory", "throttle", "error", "bandwidth",
+                "dirty_rate", "switchover_ms", "round_detail")
         click.echo(json.dumps({k: stats.get(k) for k in keys} | {"error": q.get("error")}))
     elif q.get("stats"):
         _show_table(stats)
