@@ -26,7 +26,15 @@ import blake3
 import msgpack
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
+from livemig.contract import (
+    PAGE_SIZE,
+    GuestMemory,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineState,
+)
+from livemig.migration import scan
 
 MAGIC = b"LIVEMIGS"
 FORMAT_VERSION = 1
@@ -51,10 +59,10 @@ class Snapshot:
     index: np.ndarray
 
 
-def nonzero_pages(ram: memoryview, size: int) -> np.ndarray:
-    """Indices of pages that hold anything but zeros."""
-    words = np.frombuffer(ram, dtype=np.uint64, count=size // 8).reshape(-1, PAGE_SIZE // 8)
-    return np.flatnonzero(words.any(axis=1)).astype(np.uint64)
+def nonzero_pages(memory: GuestMemory) -> np.ndarray:
+    """Indices of pages that hold anything but zeros; RAM never written is not even read."""
+    pages = np.frombuffer(memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    return scan.nonzero_pages(pages, scan.populated(memory)).astype(np.uint64)
 
 
 def write(machine: Machine, path: str) -> int:
@@ -62,7 +70,7 @@ def write(machine: Machine, path: str) -> int:
     state = machine.save_state().encode()
     config = msgpack.packb(machine.config.to_dict())
     ram = machine.memory.view()
-    index = nonzero_pages(ram, machine.memory.size)
+    index = nonzero_pages(machine.memory)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(config), len(state),
                          machine.memory.size, len(index), bytes(16))
     tmp = f"{path}.tmp-{os.getpid()}"

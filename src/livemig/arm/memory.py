@@ -54,7 +54,10 @@ class ArmMemory:
 
     def start_dirty_log(self) -> None:
         """Every page counts as clean from now (takes a shadow copy of RAM: size bytes)."""
-        self._shadow = self._words.copy()
+        # Only data ranges are copied: reading a memfd hole would allocate it for nothing.
+        self._shadow = np.zeros_like(self._words)
+        for lo, hi in self._chunks():
+            self._shadow[lo:hi] = self._words[lo:hi]
 
     def fetch_dirty(self) -> np.ndarray:
         """Bool per page: contents changed since the last fetch (or start); clears."""
@@ -62,8 +65,7 @@ class ArmMemory:
             raise RuntimeError("dirty logging is not started")
         out = np.zeros(self.pages, dtype=bool)
         ram, shadow, tmp = self._words, self._shadow, self._tmp
-        for lo in range(0, self.pages, _CHUNK_PAGES):
-            hi = min(self.pages, lo + _CHUNK_PAGES)
+        for lo, hi in self._chunks():
             t = tmp[: hi - lo]
             np.not_equal(ram[lo:hi], shadow[lo:hi], out=t)
             changed = t.view(np.uint64).reshape(hi - lo, -1).any(axis=1)
@@ -71,6 +73,26 @@ class ArmMemory:
                 idx = np.flatnonzero(changed) + lo
                 shadow[idx] = ram[idx]
                 out[idx] = True
+        return out
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Page ranges worth comparing, at most _CHUNK_PAGES each: those holding data.
+
+        A hole of the memfd (SEEK_HOLE) was never written since the machine was made, so it
+        equals its shadow (zero) and need not be read.
+        """
+        out: list[tuple[int, int]] = []
+        pos = 0
+        while pos < self.size and self.fd is not None:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            first, last = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
+            out.extend((lo, min(last, lo + _CHUNK_PAGES))
+                       for lo in range(first, last, _CHUNK_PAGES))
+            pos = end
         return out
 
     def stop_dirty_log(self) -> None:
