@@ -65,7 +65,7 @@ def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
     """Run a machine in the foreground; Ctrl-C stops it."""
     if not os.path.isfile(image):
         raise ImageError(f"guest image {image} does not exist")
-    config = MachineConfig(Arch(arch), mem, vcpus, image, cmdline)
+    config = MachineConfig(Arch(arch), mem, vcpus, os.path.abspath(image), cmdline)
     sink, close = open_console(console)
     host_machine(build_machine(config, sink), control, close, lambda m: None)
 
