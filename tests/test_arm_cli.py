@@ -61,8 +61,10 @@ def test_arm_save_restore_in_another_process(machines, tmp_path: Path, workload:
     assert set(last_hb) == {0, 1}
 
     dst = machines(["restore", str(snap)], "dst")
-    wait_for(lambda: has_ok_on_every_cpu(dst.console, workload, last_ok), 30,
-             "OK reports continuing on both vCPUs after restore")
+    def both_continue() -> bool:
+        hbs = counters(dst.console, workload)["hb"]
+        return has_ok_on_every_cpu(dst.console, workload, last_ok) and set(hbs) >= {0, 1}
+    wait_for(both_continue, 30, "OK reports and heartbeats on both vCPUs after restore")
     after = counters(dst.console, workload)
     for cpu in (0, 1):
         hbs = after["hb"][cpu]
