@@ -35,8 +35,9 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
                                               cmdline: str, mode: str) -> None:
     src: MachineProcess = machines(["run", arm_image(workload), "--arch", "arm64", "--mem",
                                     "64M", "--vcpus", "2", "--append", cmdline], "src")
-    wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0}), 30,
-             "an OK report from both vCPUs")
+    wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0})
+             and set(counters(src.console, workload)["hb"]) >= {0, 1}, 30,
+             "an OK report and a heartbeat from both vCPUs")
     dst = Listener(tmp_path, console=tmp_path / "dst.console")
     try:
         res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", "--mode", mode,
@@ -53,8 +54,9 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
         assert set(last_hb) == {0, 1}
 
         console = tmp_path / "dst.console"
-        wait_for(lambda: has_ok_on_every_cpu(console, workload, last_ok), 30,
-                 "OK reports continuing on both vCPUs at the destination")
+        wait_for(lambda: has_ok_on_every_cpu(console, workload, last_ok)
+                 and set(counters(console, workload)["hb"]) >= {0, 1}, 30,
+                 "OK reports and heartbeats continuing on both vCPUs at the destination")
         after = counters(console, workload)
         for cpu in (0, 1):
             hbs = after["hb"][cpu]
