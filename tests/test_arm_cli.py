@@ -48,8 +48,9 @@ def test_arm_save_restore_in_another_process(machines, tmp_path: Path, workload:
     src: MachineProcess = machines(["run", arm_image(workload), "--arch", "arm64", "--mem",
                                     "64M", "--vcpus", "2", "--append", cmdline], "src")
     assert src.ctl("status")["arch"] == "arm64"
-    wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0}), 30,
-             "an OK report from both vCPUs")
+    wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0})
+             and set(counters(src.console, workload)["hb"]) >= {0, 1}, 30,
+             "an OK report and a heartbeat from both vCPUs")
     snap = tmp_path / "snap.lms"
     res = run_cli("save", src.control, str(snap), "--stop")
     assert res.returncode == 0, res.stderr
