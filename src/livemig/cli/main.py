@@ -129,5 +129,8 @@ def main() -> None:
     except (MachineError, ControlError) as e:
         click.echo(f"livemig: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    except OSError as e:  # a host resource failed (a file, a socket, a KVM ioctl): say which
+        click.echo(f"livemig: error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
