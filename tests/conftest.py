@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -133,3 +134,24 @@ class Listener:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
         return err
+
+
+def future_version_destination() -> tuple[str, int]:
+    """A destination that answers any HELLO with protocol version 99; its address."""
+    import threading
+
+    from livemig.migration import hello, wire
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        wire.RecordReader(c).read()
+        answer = hello.Hello(min_version=99, max_version=99, encodings=["raw", "zero"])
+        wire.send_record(c, wire.RecordType.WELCOME, answer.encode())
+        time.sleep(1)
+        c.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[:2]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import future_version_destination
 from memmachine import MemoryMachine, memory_config
 
 from livemig.contract import MachineConfig
@@ -289,19 +290,8 @@ def test_destination_dies_mid_transfer() -> None:
 
 def test_wrong_protocol_version() -> None:
     src = source()
-    srv = socket.create_server(("127.0.0.1", 0))
-
-    def old_destination() -> None:
-        c, _ = srv.accept()
-        wire.RecordReader(c).read()
-        welcome = hello.Hello(min_version=99, max_version=99, encodings=["raw", "zero"])
-        wire.send_record(c, wire.RecordType.WELCOME, welcome.encode())
-        time.sleep(0.5)
-        c.close()
-
-    threading.Thread(target=old_destination, daemon=True).start()
     with pytest.raises(VersionError, match="protocol version 99"):
-        migrate(src, connect(srv.getsockname()), MigrationOptions())
+        migrate(src, connect(future_version_destination()), MigrationOptions())
     assert_source_alive(src)
 
 

@@ -8,17 +8,19 @@ must leave the source running with its verify workload still reporting OK and ne
 from __future__ import annotations
 
 import signal
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Listener, MachineProcess, image, needs_kvm, wait_for
+from conftest import (
+    Listener,
+    MachineProcess,
+    future_version_destination,
+    image,
+    needs_kvm,
+    wait_for,
+)
 from test_migrate_engine import Proxy
-
-from livemig.migration import hello, wire
 
 pytestmark = needs_kvm
 
@@ -98,18 +100,7 @@ def test_corrupted_record_is_refused(source: MachineProcess, tmp_path: Path) -> 
 
 
 def test_destination_with_wrong_protocol_version(source: MachineProcess) -> None:
-    srv = socket.create_server(("127.0.0.1", 0))
-
-    def future_destination() -> None:
-        c, _ = srv.accept()
-        wire.RecordReader(c).read()
-        answer = hello.Hello(min_version=99, max_version=99, encodings=["raw", "zero"])
-        wire.send_record(c, wire.RecordType.WELCOME, answer.encode())
-        time.sleep(1)
-        c.close()
-
-    threading.Thread(target=future_destination, daemon=True).start()
-    start_migration(source, srv.getsockname()[1])
+    start_migration(source, future_version_destination()[1])
     q = final_status(source)
     assert q["status"] == "failed" and "protocol version 99" in q["error"], q
     assert_source_healthy(source)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, ConfigError
+from livemig.extents import data_pages
 
 _CHUNK_PAGES = 1024  # 4 MiB per comparison step: stays in cache, keeps temporaries small
 
@@ -81,19 +82,11 @@ class ArmMemory:
         A hole of the memfd (SEEK_HOLE) was never written since the machine was made, so it
         equals its shadow (zero) and need not be read.
         """
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < self.size and self.fd is not None:
-            try:
-                start = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data past pos
-                break
-            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
-            first, last = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
-            out.extend((lo, min(last, lo + _CHUNK_PAGES))
-                       for lo in range(first, last, _CHUNK_PAGES))
-            pos = end
-        return out
+        if self.fd is None:
+            return []
+        return [(lo, min(first + count, lo + _CHUNK_PAGES))
+                for first, count in data_pages(self.fd, self.size)
+                for lo in range(first, first + count, _CHUNK_PAGES)]
 
     def stop_dirty_log(self) -> None:
         self._shadow = None

@@ -50,13 +50,3 @@ class Prefaulter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def extents(mask: object) -> list[tuple[int, int]]:
-    """(first page, page count) runs of True in a bool-per-page numpy array."""
-    import numpy as np
-
-    m = np.asarray(mask, dtype=bool)
-    padded = np.concatenate(([0], m.view(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(padded))
-    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]

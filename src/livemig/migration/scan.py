@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, GuestMemory
+from livemig.extents import data_pages, runs
 
 
 def populated(memory: GuestMemory) -> np.ndarray:
@@ -24,25 +25,12 @@ def populated(memory: GuestMemory) -> np.ndarray:
     try:
         if os.fstat(fd).st_size < memory.size:
             return np.ones(npages, dtype=bool)
-        return _data_ranges(fd, memory.size, npages)
+        out = np.zeros(npages, dtype=bool)
+        for first, count in data_pages(fd, memory.size):
+            out[first : first + count] = True
+        return out
     except OSError:
         return np.ones(npages, dtype=bool)
-
-
-def _data_ranges(fd: int, size: int, npages: int) -> np.ndarray:
-    out = np.zeros(npages, dtype=bool)
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            break
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out[start // PAGE_SIZE : (end + PAGE_SIZE - 1) // PAGE_SIZE] = True
-        pos = end
-    return out
 
 
 def iter_nonzero(
@@ -50,9 +38,8 @@ def iter_nonzero(
 ) -> Iterator[np.ndarray]:
     """Yield arrays of non-zero page indices among `candidates` (bool per page), a chunk of
     at most `chunk` pages scanned at a time, in page order."""
-    padded = np.concatenate(([0], candidates.view(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(padded))
-    for start, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+    for start, count in runs(candidates):
+        end = start + count
         for a in range(start, end, chunk):
             b = min(end, a + chunk)
             yield np.flatnonzero(nonzero_in(ram_pages[a:b])) + a

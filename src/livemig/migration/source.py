@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, Machine
+from livemig.extents import runs
 from livemig.migration import hello as hello_mod
 from livemig.migration import records, scan, verify
 from livemig.migration.errors import (
@@ -36,7 +37,6 @@ from livemig.migration.gap import guest_gap_ms
 from livemig.migration.options import MigrationOptions, Mode
 from livemig.migration.pages import MAX_BATCH, SUPPORTED, BatchEncoder, Encoding
 from livemig.migration.precopy import Convergence
-from livemig.migration.prefault import extents
 from livemig.migration.returnpath import ReturnPath
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
 from livemig.migration.transport import RateLimiter, tune
@@ -186,7 +186,7 @@ class Source:
         # "populated": where RAM holds data, a hint for the destination's prefaulting.
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
                "mode": self.opts.mode.value,
-               "populated": [list(r) for r in extents(scan.populated(self.m.memory))]}
+               "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
         send_record(self.sock, RecordType.CONFIG, records.pack(cfg))
         self.ret.expect(RecordType.CONFIG_OK, timeout=60)
         self.state = SourceState.CONFIGURED
