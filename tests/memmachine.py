@@ -63,6 +63,7 @@ class MemoryMachine:
         self.memory = MemoryRam(config.mem_size)
         self.probe = ProbeLog()
         self.running = False
+        self.vcpu_lock = threading.Lock()
         self.started = False
         self.closed = False
         self.throttle = 0.0
@@ -75,7 +76,10 @@ class MemoryMachine:
         self.running = True
 
     def pause(self) -> None:
-        self.running = False
+        # As the contract asks: return only once no "vCPU" (a test's writer thread holding
+        # vcpu_lock around each burst) is in the middle of a write.
+        with self.vcpu_lock:
+            self.running = False
 
     def resume(self) -> None:
         self.running = True

@@ -120,14 +120,17 @@ class Guest:
     def _run(self) -> None:
         pos = 0
         while not self.stop.is_set():
-            if not self.m.running:
+            with self.m.vcpu_lock:
+                running = self.m.running
+                if running:
+                    idx = np.take(self.pages, np.arange(pos, pos + self.burst), mode="wrap")
+                    pos = (pos + self.burst) % len(self.pages)
+                    self.value = self.value % 255 + 1
+                    self.m.memory.write(idx, self.value)
+                    self.m.counter += 1
+            if not running:
                 time.sleep(0.0005)
                 continue
-            idx = np.take(self.pages, np.arange(pos, pos + self.burst), mode="wrap")
-            pos = (pos + self.burst) % len(self.pages)
-            self.value = self.value % 255 + 1
-            self.m.memory.write(idx, self.value)
-            self.m.counter += 1
             time.sleep(self.pause / max(0.01, 1 - self.m.throttle))
 
 
