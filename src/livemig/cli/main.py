@@ -5,51 +5,26 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from livemig import snapshot
 from livemig.cli import bench_cmds, demo, migrate_cmds
-from livemig.cli.migrate_cmds import register_migration_controls
 from livemig.cli.options import ARCH, SIZE
-from livemig.cli.runner import MachineHost, build_machine, default_control_path, open_console
-from livemig.contract import Arch, ImageError, Machine, MachineConfig, MachineError
+from livemig.cli.process import host_machine, serve_machine
+from livemig.cli.runner import build_machine, open_console
+from livemig.contract import Arch, ImageError, MachineConfig, MachineError
 from livemig.control import ControlError, request
 
 EXIT_USAGE = 2
 
+__all__ = ["cli", "main", "serve_machine"]  # serve_machine: kept importable from here
 
 
 @click.group()
 def cli() -> None:
     """livemig: run machines and move them between hosts while they run."""
-
-
-def serve_machine(host: MachineHost, quiet: bool = False) -> None:
-    if not quiet:
-        click.echo(f"livemig: control socket {host.control.path}", err=True)
-    reason = host.serve()
-    if not quiet:
-        click.echo(f"livemig: machine ended: {reason}", err=True)
-    if reason.startswith("guest stopped"):
-        sys.exit(1)
-
-
-def host_machine(machine: Machine, control: str | None, close_console: Callable[[], None],
-                 prepare: Callable[[Machine], None]) -> None:
-    """Prepare and start a new machine, then serve its control socket until it ends; the
-    machine is closed whatever goes wrong on the way."""
-    try:
-        prepare(machine)
-        machine.start()
-        host = MachineHost(machine, control or default_control_path(), close_console)
-        register_migration_controls(host)
-    except BaseException:
-        machine.close()
-        raise
-    serve_machine(host)
 
 
 @cli.command()

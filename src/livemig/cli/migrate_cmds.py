@@ -1,18 +1,18 @@
-"""Migration commands: `livemig listen`, `livemig migrate`, and the control-socket commands
-`migrate`, `query-migrate` and `migrate-cancel` of a running machine."""
+"""Migration commands: `livemig listen` and `livemig migrate`. The control-socket side of a
+migration (`migrate`, `query-migrate`, `migrate-cancel`) is in `migration_control`."""
 
 from __future__ import annotations
 
 import json
 import socket
 import sys
-import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 import click
 
+from livemig.cli.migration_control import register_migration_controls
+from livemig.cli.process import serve_machine
 from livemig.cli.runner import (
     MachineHost,
     build_machine,
@@ -25,119 +25,14 @@ from livemig.control import ControlError, request
 from livemig.migration import (
     CommitUnconfirmed,
     MigrationError,
-    MigrationOptions,
     MigrationStats,
     Mode,
-    Progress,
-    migrate,
     parse_rate,
     receive,
 )
-from livemig.migration.transport import connect, listen
+from livemig.migration.transport import listen
 
-FINAL_STATUS_WAIT = 5.0  # seconds a migrated-away host waits for its final stats to be read
-
-
-class MigrationControl:
-    """One machine's outgoing migration, driven through its control socket."""
-
-    def __init__(self, host: MachineHost) -> None:
-        self.host = host
-        self.thread: threading.Thread | None = None
-        self.cancel = threading.Event()
-        self.status = "none"
-        self.progress: Progress | None = None
-        self.stats: MigrationStats | None = None
-        self.error: str | None = None
-        self.reported = threading.Event()  # the final status was read by a client
-
-    def start(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.thread is not None and self.thread.is_alive():
-            raise ControlError("a migration is already in progress")
-        target = req.get("to")
-        if not isinstance(target, str):
-            raise ControlError("migrate needs 'to': HOST:PORT")
-        opts = options_from_request(req)
-        self.cancel = threading.Event()
-        self.status, self.progress, self.stats, self.error = "setup", None, None, None
-        self.thread = threading.Thread(target=self._run, args=(target, opts),
-                                       name="migrate", daemon=True)
-        self.thread.start()
-        return {"status": self.status}
-
-    def _run(self, target: str, opts: MigrationOptions) -> None:
-        with self.host.lock:
-            try:
-                sock = connect(target)
-            except (OSError, ValueError) as e:
-                self.status, self.error = "failed", f"cannot connect to {target}: {e}"
-                return
-            try:
-                self.stats = migrate(self.host.machine, sock, opts, self._on_progress,
-                                     self.cancel)
-                self.status = "completed"
-            except MigrationError as e:
-                self.stats = getattr(e, "stats", None)
-                self.status = self.stats.status if self.stats else "failed"
-                self.error = str(e)
-                if isinstance(e, CommitUnconfirmed):
-                    self.status = "commit-unconfirmed"
-            finally:
-                sock.close()
-        if self.status == "completed":
-            # Let `livemig migrate` read the final stats before the source host goes away.
-            self.reported.wait(FINAL_STATUS_WAIT)
-            self.host.finish(f"migrated to {target}")
-
-    def _on_progress(self, p: Progress) -> None:
-        self.progress = p
-        self.status = "active"
-
-    def query(self, _req: dict[str, Any]) -> dict[str, Any]:
-        if self.status not in ("setup", "active", "none"):
-            self.reported.set()
-        return {
-            "status": self.status,
-            "progress": asdict(self.progress) if self.progress else None,
-            "stats": self.stats.to_json() if self.stats else None,
-            "error": self.error,
-        }
-
-    def do_cancel(self, _req: dict[str, Any]) -> dict[str, Any]:
-        if self.thread is None or not self.thread.is_alive():
-            raise ControlError("no migration in progress")
-        self.cancel.set()
-        return {"status": "cancelling"}
-
-
-def options_from_request(req: dict[str, Any]) -> MigrationOptions:
-    """MigrationOptions from a `migrate` control request; ControlError if a field is bad."""
-    try:
-        opts = MigrationOptions(mode=Mode(req.get("mode", "precopy")))
-        if req.get("max_downtime_ms") is not None:
-            opts.max_downtime_ms = float(req["max_downtime_ms"])
-        if req.get("max_bandwidth") is not None:
-            bw = req["max_bandwidth"]
-            opts.max_bandwidth = parse_rate(bw) if isinstance(bw, str) else float(bw)
-        if req.get("max_rounds") is not None:
-            opts.max_rounds = int(req["max_rounds"])
-        opts.auto_converge = bool(req.get("auto_converge", False))
-        opts.verify_memory = bool(req.get("verify_memory", False))
-    except (ValueError, TypeError) as e:
-        raise ControlError(f"bad migrate option: {e}") from e
-    if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:
-        raise ControlError("max_rounds must be >= 1 and max_downtime_ms > 0")
-    return opts
-
-
-def register_migration_controls(host: MachineHost) -> None:
-    """Add `migrate`, `query-migrate` and `migrate-cancel` to the host's control socket.
-
-    A completed migration ends the host's serve loop (which closes the paused machine)."""
-    mc = MigrationControl(host)
-    host.control.register("migrate", mc.start)
-    host.control.register("query-migrate", mc.query)
-    host.control.register("migrate-cancel", mc.do_cancel)
+__all__ = ["add_commands", "listen_cmd", "migrate_cmd", "register_migration_controls"]
 
 
 # -- livemig listen ---------------------------------------------------------------------------
@@ -174,8 +69,6 @@ def _receive_one(srv: socket.socket, console: str) -> tuple[Any, Any, MigrationS
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
 def listen_cmd(host: str, port: int, console: str, control: str | None, once: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
-    from livemig.cli.main import serve_machine
-
     preload_backends()
     srv = listen(host, port)
     h, p = srv.getsockname()[:2]
