@@ -8,6 +8,10 @@ listens on, so every line is stamped with host time on arrival; heartbeat lines
 (``<workload> hb N``) give the guest-visible gap around the switch-over and prove that the guest
 keeps running on the destination.
 
+Both run the same ``-cpu`` model, picked once per process by `probe_cpu_model`: the first of
+`CPU_CANDIDATES` under which QEMU actually boots the guest image (``-cpu host`` dies on some
+nested-KVM hosts with "failed to set MSR 0x10a"). The result names it (``cpu_model``).
+
 Figures come from ``query-migrate`` on the source and use livemig's key names (see
 `QemuMigrationResult.to_dict`). Processes, sockets and temporary files are always cleaned up,
 also on exceptions and KeyboardInterrupt.
@@ -25,6 +29,7 @@ import contextlib
 import ctypes
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -47,6 +52,11 @@ HEARTBEAT_RE = re.compile(rb"^\s*(\w+) hb (\d+)\s*$")
 FINAL_STATES = ("completed", "failed", "cancelled")
 # What libvirt sets for "no limit" (INT64_MAX MiB/s in bytes, rounded): far above any link.
 UNLIMITED_BANDWIDTH = 1 << 62
+# -cpu models tried in order: the host's CPU; the same without IA32_ARCH_CAPABILITIES (MSR
+# 0x10a, which nested KVM on AMD may refuse); QEMU's "max" likewise; the plain 64-bit model.
+CPU_CANDIDATES: tuple[str, ...] = ("host", "host,-arch-capabilities", "max,-arch-capabilities",
+                                   "qemu64")
+CPU_PROBE_TIMEOUT_S = 10.0
 
 
 class QemuError(RuntimeError):
@@ -249,9 +259,14 @@ class QmpSync:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: the child is killed if the thread that started it dies (PR_SET_PDEATHSIG)."""
+    """preexec_fn: the child is killed if the thread that started it dies (PR_SET_PDEATHSIG).
+
+    It also dumps no core: a CPU model that the host refuses makes QEMU abort.
+    """
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 class QemuProcess:
@@ -335,6 +350,8 @@ class QemuMigrationConfig:
     migrate_timeout_s: float = 300.0
     poll_interval_s: float = 0.01
     qemu_binary: str | None = None
+    # -cpu model for both sides; None: $LIVEMIG_QEMU_CPU, else the first that boots the guest.
+    cpu_model: str | None = None
     log_dir: str | None = None  # keep serial logs and QEMU stderr here; else a temp dir
     extra_args: list[str] = field(default_factory=list)
 
@@ -348,6 +365,7 @@ class QemuMigrationResult:
     ``rounds`` = ram.dirty-sync-count (QEMU counts its first sync at setup and the final one in
     stop-and-copy), ``bytes_sent`` = ram.transferred (RAM stream; device state is not counted),
     ``pages_raw`` / ``pages_zero`` = ram.normal / ram.duplicate, ``mbps`` = ram.mbps (Mbit/s).
+    ``cpu_model`` is the ``-cpu`` model that both QEMU processes ran.
     ``guest_gap_ms`` is the largest gap between guest heartbeats seen on the serial ports
     (host arrival time), source and destination merged, from the last one before migration
     started; it includes one heartbeat period.
@@ -368,6 +386,7 @@ class QemuMigrationResult:
     hb_dest_count: int
     error: str = ""
     mode: str = "precopy"
+    cpu_model: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -381,6 +400,7 @@ class QemuMigrationResult:
         d: dict[str, Any] = {
             "status": self.status,
             "mode": self.mode,
+            "cpu_model": self.cpu_model,
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
             "setup_ms": self.setup_ms,
@@ -401,13 +421,80 @@ class QemuMigrationResult:
         return d
 
 
-def base_argv(binary: str, cfg: QemuMigrationConfig) -> list[str]:
+def base_argv(binary: str, cfg: QemuMigrationConfig, cpu_model: str = "host") -> list[str]:
     """Command line shared by source and destination (chardev/QMP options are added later)."""
     return [
-        binary, "-enable-kvm", "-cpu", "host", "-m", mem_arg(cfg.mem), "-smp", str(cfg.smp),
+        binary, "-enable-kvm", "-cpu", cpu_model, "-m", mem_arg(cfg.mem), "-smp", str(cfg.smp),
         "-kernel", str(cfg.image), "-append", cfg.cmdline, "-display", "none", "-nodefaults",
         *cfg.extra_args,
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# CPU model
+# --------------------------------------------------------------------------------------------
+
+_cpu_models: dict[tuple[str, str], str] = {}
+_cpu_lock = threading.Lock()
+
+
+def _failure_reason(proc: QemuProcess) -> str:
+    """One line saying why QEMU did not run the guest: its first error line, else its last."""
+    lines = [ln.strip() for ln in proc.stderr_tail().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()] or lines[-1:]
+    if not errors:
+        return "no heartbeat from the guest" if proc.alive() else "QEMU exited"
+    return errors[0].split(": ", 1)[-1] if ": " in errors[0] else errors[0]
+
+
+def cpu_model_boots(binary: str, cfg: QemuMigrationConfig, cpu_model: str,
+                    timeout_s: float = CPU_PROBE_TIMEOUT_S) -> str | None:
+    """Boot ``cfg.image`` briefly under ``-cpu cpu_model``; None when it heartbeats, else why."""
+    tmp = Path(tempfile.mkdtemp(prefix="livemig-qemu-probe-"))
+    proc = QemuProcess("probe", tmp, base_argv(binary, cfg, cpu_model))
+    try:
+        try:
+            proc.start()
+        except QemuError:
+            return _failure_reason(proc)
+        if proc.serial.wait_heartbeats(1, timeout_s, alive=proc.alive):
+            return None
+        return _failure_reason(proc)
+    finally:
+        proc.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def probe_cpu_model(binary: str, cfg: QemuMigrationConfig,
+                    candidates: tuple[str, ...] = CPU_CANDIDATES) -> str:
+    """The first of ``candidates`` under which QEMU boots ``cfg.image``; cached per process.
+
+    Raises `QemuError` (one line, every model with its reason) when none boots.
+    """
+    key = (binary, str(Path(cfg.image).resolve()))
+    with _cpu_lock:
+        if key in _cpu_models:
+            return _cpu_models[key]
+        tried: list[str] = []
+        for model in candidates:
+            why = cpu_model_boots(binary, cfg, model)
+            if why is None:
+                _cpu_models[key] = model
+                return model
+            tried.append(f"{model}: {why}")
+        raise QemuError(f"no -cpu model boots {Path(cfg.image).name} under QEMU "
+                        f"({'; '.join(tried)})")
+
+
+def clear_cpu_model_cache() -> None:
+    """Forget the probed models (tests; or after the host changed)."""
+    with _cpu_lock:
+        _cpu_models.clear()
+
+
+def choose_cpu_model(binary: str, cfg: QemuMigrationConfig) -> str:
+    """``cfg.cpu_model``, else ``$LIVEMIG_QEMU_CPU``, else `probe_cpu_model`."""
+    return cfg.cpu_model or os.environ.get("LIVEMIG_QEMU_CPU") or probe_cpu_model(binary, cfg)
 
 
 def guest_gap_ms(src: list[tuple[float, int]], dst: list[tuple[float, int]],
@@ -521,7 +608,8 @@ def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
     """Run one QEMU live migration of ``cfg.image`` over loopback and return its figures.
 
     Raises `QemuNotFoundError` when QEMU is missing, `QemuError` when /dev/kvm is unusable, the
-    image is missing, or QEMU fails to start or boot the guest. A migration that QEMU itself
+    image is missing, no ``-cpu`` model boots it (`choose_cpu_model`), or QEMU fails to start
+    or boot the guest. A migration that QEMU itself
     reports as failed is returned with ``status="failed"`` (``"timeout"`` when it did not finish
     within ``cfg.migrate_timeout_s``; it is then cancelled).
     """
@@ -530,10 +618,11 @@ def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
         raise QemuError("/dev/kvm is missing or not accessible: QEMU runs with -enable-kvm")
     if not Path(cfg.image).is_file():
         raise QemuError(f"guest image not found: {cfg.image}")
+    cpu_model = choose_cpu_model(binary, cfg)
+    argv = base_argv(binary, cfg, cpu_model)
     tmp = tempfile.mkdtemp(prefix="livemig-qemu-")
     workdir = Path(cfg.log_dir) if cfg.log_dir else Path(tmp)
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = base_argv(binary, cfg)
     procs: list[QemuProcess] = []
     try:
         # Unix socket paths are short-lived and kept in the temp dir (108-byte path limit).
@@ -541,7 +630,9 @@ def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
         procs.append(src)
         dst = QemuProcess("dest", Path(tmp), argv + ["-incoming", "defer"])
         procs.append(dst)
-        return _migrate(src, dst, cfg)
+        res = _migrate(src, dst, cfg)
+        res.cpu_model = cpu_model
+        return res
     finally:
         for p in reversed(procs):
             p.close()
@@ -566,12 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downtime-limit-ms", type=int)
     ap.add_argument("--max-bandwidth", type=int, help="bytes/s")
     ap.add_argument("--auto-converge", action="store_true")
+    ap.add_argument("--cpu", help="-cpu model (default: probed)")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
     cfg = QemuMigrationConfig(image=a.image, cmdline=a.append, mem=a.mem, smp=a.smp,
                               downtime_limit_ms=a.downtime_limit_ms,
                               max_bandwidth=a.max_bandwidth, auto_converge=a.auto_converge,
-                              log_dir=a.log_dir)
+                              cpu_model=a.cpu, log_dir=a.log_dir)
     res = run_qemu_migration(cfg)
     print(json.dumps(res.to_dict(), indent=2))
     return 0 if res.status == "completed" else 1

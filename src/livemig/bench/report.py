@@ -2,7 +2,8 @@
 
 Both sides are plain dicts with livemig's result keys (``status``, ``mode``, ``total_ms``,
 ``downtime_ms``, ``setup_ms``, ``rounds``, ``bytes_sent``, ``pages: {raw, zero}``,
-``guest_gap_ms``); extra keys are carried along. A report is shaped::
+``guest_gap_ms``); extra keys are carried along, among them QEMU's ``cpu_model`` (the ``-cpu``
+model its processes ran), which the table shows too. A report is shaped::
 
     {"scenario": ..., "livemig": {...}, "qemu": {...},
      "ratios": {"total": x, "downtime": y, "bytes": z},
@@ -28,6 +29,7 @@ RATIO_KEYS = {"total": "total_ms", "downtime": "downtime_ms", "bytes": "bytes_se
 TABLE_ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("status", ("status",), ""),
     ("mode", ("mode",), ""),
+    ("CPU model", ("cpu_model",), ""),
     ("total", ("total_ms",), "ms"),
     ("downtime", ("downtime_ms",), "ms"),
     ("guest gap", ("guest_gap_ms",), "ms"),
