@@ -320,13 +320,13 @@ def test_out_of_order_record_is_refused() -> None:
 def test_verify_mismatch_refuses_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     from livemig.migration import destination
 
-    real_apply = destination.pages.apply
+    real_store = destination.pages_mod.RamPlacer.store
 
-    def lossy_apply(batch: Any, ram: np.ndarray) -> None:
-        real_apply(batch, ram)
-        ram[7, 9] = 0x5A if ram[7, 9] != 0x5A else 0xA5
+    def lossy_store(self: Any, idx: np.ndarray, data: np.ndarray) -> None:
+        real_store(self, idx, data)
+        self.ram[7, 9] = 0x5A if self.ram[7, 9] != 0x5A else 0xA5
 
-    monkeypatch.setattr(destination.pages, "apply", lossy_apply)
+    monkeypatch.setattr(destination.pages_mod.RamPlacer, "store", lossy_store)
     src = source()
     d = Dest()
     with pytest.raises(RemoteError, match="memory verification failed.*page 7.*refusing to COMMIT"):
@@ -353,8 +353,9 @@ def test_source_never_resumes_after_commit(monkeypatch: pytest.MonkeyPatch) -> N
     from livemig.migration import destination
 
     def vanish(self: Any, rec: Any) -> None:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        self.sock.close()
+        sock = self.sess.main.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        sock.close()
         raise destination.ConnectionLost("killed")
 
     monkeypatch.setattr(destination.Destination, "_on_commit", vanish)
@@ -368,35 +369,26 @@ def test_source_never_resumes_after_commit(monkeypatch: pytest.MonkeyPatch) -> N
     assert ei.value.stats.status == "commit-unconfirmed"  # type: ignore[attr-defined]
 
 
-def test_destination_keeps_machine_when_commit_is_lost() -> None:
-    """READY sent, then the connection dies: the destination neither runs nor discards."""
+def test_destination_discards_copy_when_commit_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """READY sent, then the connection dies before COMMIT: the destination never runs the
+    copy and discards it (issue 8: no orphaned paused copy); the source resumes."""
+    from livemig.migration import source as source_mod
+
+    real_expect = source_mod.Source.expect
+
+    def cut_after_ready(self: Any, rtype: wire.RecordType, deadline: float) -> None:
+        real_expect(self, rtype, deadline)
+        if rtype is wire.RecordType.READY:
+            self.main.sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionLost("cut")
+
+    monkeypatch.setattr(source_mod.Source, "expect", cut_after_ready)
     src = source(8 << 20)
     d = Dest()
-    c = connect(d.addr)
-    from livemig.migration.source import Source
-
-    s = Source(src, c, MigrationOptions())
-
-    def cut_before_commit(self: Any = None) -> None:
-        c.shutdown(socket.SHUT_RDWR)
-        raise ConnectionLost("cut")
-
-    s._send_verify = cut_before_commit  # type: ignore[method-assign]
-    s.opts.verify_memory = False
-    orig = s._switchover
-
-    def switch() -> None:
-        s._send(wire.RecordType.STATE, __import__("livemig.migration.records").migration.records
-                .pack({"state": src.save_state().encode(), "probe": {}}))
-        s.ret.expect(wire.RecordType.READY, timeout=5)
-        cut_before_commit()
-
-    s._switchover = switch  # type: ignore[method-assign]
-    del orig
     with pytest.raises(ConnectionLost):
-        s.run()
+        migrate(src, connect(d.addr), MigrationOptions())
     d.join()
-    assert isinstance(d.error, CommitUnconfirmed)
-    kept = d.error.machine  # type: ignore[attr-defined]
-    assert kept is d.built[0] and not kept.closed and not kept.started
+    assert isinstance(d.error, ConnectionLost) and "discarded its copy" in str(d.error)
+    kept = d.built[0]
+    assert kept.closed and not kept.started
     assert src.running  # COMMIT was never sent, so the source resumed

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from livemig.contract import PAGE_SIZE
 from livemig.migration import hello, pages, records, verify, wire
+from livemig.migration.codecs import CodecSet
+from livemig.migration.codecs.zero import ZeroCodec
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError, VersionError
 from livemig.migration.wire import RecordReader, RecordType
 
@@ -100,7 +102,7 @@ def test_fuzzed_stream_only_raises_migration_errors(data: bytes) -> None:
 def test_fuzzed_payloads_only_raise_protocol_errors(data: bytes) -> None:
     for fn in (
         lambda: hello.Hello.decode(data),
-        lambda: pages.decode(memoryview(data), 64, {pages.Encoding.RAW, pages.Encoding.ZERO}),
+        lambda: pages.decode(memoryview(data), 64, ALL),
         lambda: records.unpack(data, "X", ("a",)),
         lambda: verify.VerifyTable(4).add(memoryview(data)),
     ):
@@ -134,6 +136,9 @@ def test_welcome_may_not_add_things() -> None:
         hello.check_welcome(hello.Hello(encodings=["raw", "zero"]), src)
 
 
+ALL = CodecSet(["zero", "raw"])
+
+
 def ram(npages: int) -> np.ndarray:
     rng = np.random.default_rng(7)
     r = rng.integers(0, 256, size=(npages, PAGE_SIZE), dtype=np.uint8)
@@ -141,25 +146,24 @@ def ram(npages: int) -> np.ndarray:
     return r
 
 
-ALL = {pages.Encoding.RAW, pages.Encoding.ZERO}
 
 
 def test_page_batch_roundtrip() -> None:
     src = ram(100)
     idx = np.array([5, 3, 9, 0, 99, 42], dtype=np.int64)
-    b = pages.BatchEncoder(src).encode(idx)
-    assert (b.zero, b.raw) == (5, 1)  # all but 5 are multiples of 3, hence zero
-    payload = memoryview(b.meta + bytes(b.data))
+    b = pages.BatchEncoder(src, ALL).encode(idx)
+    assert (b.by_codec["zero"], b.by_codec["raw"]) == (5, 1)  # all but 5 are multiples of 3
+    payload = memoryview(b.meta + b"".join(bytes(x) for x in b.data))
     dst = np.full_like(src, 0xAA)
     d = pages.decode(payload, 100, ALL)
-    pages.apply(d, dst)
+    pages.apply(d, ALL, pages.RamPlacer(dst))
     assert np.array_equal(dst[idx], src[idx])
-    assert d.count(pages.Encoding.ZERO) == 5
+    assert d.count(ZeroCodec.id) == 5
 
 
 def _batch(src: np.ndarray, idx: list[int]) -> bytearray:
-    b = pages.BatchEncoder(src).encode(np.array(idx))
-    return bytearray(b.meta + bytes(b.data))
+    b = pages.BatchEncoder(src, ALL).encode(np.array(idx))
+    return bytearray(b.meta + b"".join(bytes(x) for x in b.data))
 
 
 def test_page_batch_rejections() -> None:
@@ -168,7 +172,7 @@ def test_page_batch_rejections() -> None:
     with pytest.raises(ProtocolError, match="names page 3, RAM has 3"):
         pages.decode(memoryview(good), 3, ALL)
     with pytest.raises(ProtocolError, match="never negotiated"):
-        pages.decode(memoryview(good), 10, {pages.Encoding.RAW})
+        pages.decode(memoryview(good), 10, CodecSet(["raw"]))
     bad = bytearray(good)
     bad[8 + 3 * 8 + 3 * 4] = 7  # first page's encoding byte: unknown encoding 7
     with pytest.raises(ProtocolError, match=r"encoding\(s\) \[7\]"):

@@ -21,6 +21,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, ConfigError
 from livemig.extents import data_pages
+from livemig.memfd import release
 
 _CHUNK_PAGES = 1024  # 4 MiB per comparison step: stays in cache, keeps temporaries small
 
@@ -97,7 +98,7 @@ class ArmMemory:
         if self._anchor is not None:
             self._anchor = None
             del self._words
-            self._mm.close()
+            release(self._mm, self.fd, self.size)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -12,6 +12,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, ConfigError
 from livemig.kvm import Vm
+from livemig.memfd import release
 
 LOW_MEM_END = 3 << 30  # RAM above this guest-physical address moves above 4 GiB
 HIGH_MEM_START = 4 << 30
@@ -147,10 +148,8 @@ class GuestRam:
         self._logging = False
 
     def close(self) -> None:
-        try:
-            self._map.close()
-        except BufferError:  # views still exported; the mapping goes with the process
-            pass
+        """Give RAM back to the host, even while a view of it is still alive somewhere."""
+        release(self._map, self.fd, self.size)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -1,4 +1,4 @@
-"""The migration engine: wire protocol, source and destination state machines, strategies.
+"""The migration engine: channels, sessions, strategies, codecs, the two state machines.
 
 It sees machines only through `livemig.contract`; it never imports a backend.
 
@@ -7,19 +7,23 @@ It sees machines only through `livemig.contract`; it never imports a backend.
 
 from livemig.migration.destination import DestState, receive
 from livemig.migration.errors import (
+    AuthError,
     Cancelled,
     CommitUnconfirmed,
     ConnectionLost,
     MigrationError,
     ProtocolError,
     RemoteError,
+    Timeout,
     VersionError,
 )
 from livemig.migration.options import MigrationOptions, Mode, parse_rate
+from livemig.migration.security import Security
 from livemig.migration.source import SourceState, migrate
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
 
 __all__ = [
+    "AuthError",
     "Cancelled",
     "CommitUnconfirmed",
     "ConnectionLost",
@@ -32,7 +36,9 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RoundStats",
+    "Security",
     "SourceState",
+    "Timeout",
     "VersionError",
     "migrate",
     "parse_rate",

@@ -1,16 +1,18 @@
 """The destination side of a migration, as an explicit state machine.
 
-    AWAIT_HELLO --HELLO (WELCOME sent)--> AWAIT_CONFIG
+    (hello, AUTH: handshake.py)  --> AWAIT_CONFIG
     AWAIT_CONFIG --CONFIG (machine built, CONFIG_OK sent)--> RECEIVING
     RECEIVING --PAGES | ROUND_END (ROUND_ACK sent) | VERIFY--> RECEIVING
     RECEIVING --STATE (loaded, memory verified, READY sent)--> READY
-    READY --COMMIT (machine started, RUNNING sent, REPORT sent)--> RUNNING
+    READY --COMMIT (outcome recorded, machine started, RUNNING, REPORT)--> RUNNING
     any state --ABORT--> ABORTED: the machine is closed
-    any state --bad input--> FAILED: ERROR sent with the reason, the machine is closed
-    READY --connection lost--> COMMIT_UNKNOWN: the machine is kept, paused
+    any state --bad input, idle past the timeout--> FAILED: ERROR sent, the machine is closed
+    READY --connection lost, no COMMIT within the switch-over limit, or a resolve question
+          first--> DISCARDED: the outcome "not committed" is recorded, the machine is closed
 
 Only the records listed for a state are accepted there; anything else is a protocol error.
-Nothing from the wire reaches the machine before it has been checked.
+Nothing from the wire reaches the machine before it has been checked. A machine runs here
+only after COMMIT, and only if the session was not given up first (resolve.Outcomes).
 """
 
 from __future__ import annotations
@@ -23,23 +25,30 @@ from collections.abc import Callable
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
-from livemig.migration import hello as hello_mod
-from livemig.migration import pages, records, scan
+from livemig.migration import handshake, hello, records, scan
+from livemig.migration import pages as pages_mod
+from livemig.migration.channels import Channel, SocketChannel
+from livemig.migration.codecs import SUPPORTED, CodecSet
 from livemig.migration.errors import (
-    CommitUnconfirmed,
+    AuthError,
     ConnectionLost,
     MigrationError,
     ProtocolError,
     RemoteError,
 )
 from livemig.migration.prefault import Prefaulter
+from livemig.migration.resolve import Outcomes
+from livemig.migration.security import Security
+from livemig.migration.session import Session
 from livemig.migration.stats import MigrationStats, RoundStats
-from livemig.migration.transport import tune
 from livemig.migration.verify import VerifyTable
-from livemig.migration.wire import Record, RecordReader, RecordType, send_record
+from livemig.migration.wire import Record, RecordType
 from livemig.probe import ProbeKind
 
 FIRST_HEARTBEAT_WAIT = 2.0  # seconds the destination waits for the guest's first heartbeat
+IDLE_TIMEOUT = 60.0  # seconds without a record before an incoming migration is given up
+COMMIT_MARGIN = 2.0  # seconds READY waits for COMMIT beyond the source's switch-over limit
+DEFAULT_SWITCHOVER_S = 30.0
 
 
 class DestState(enum.Enum):
@@ -52,11 +61,10 @@ class DestState(enum.Enum):
     RUNNING = "running"
     ABORTED = "aborted"
     FAILED = "failed"
-    COMMIT_UNKNOWN = "commit-unknown"
+    DISCARDED = "discarded"
 
 
 ALLOWED: dict[DestState, set[RecordType]] = {
-    DestState.AWAIT_HELLO: {RecordType.HELLO},
     DestState.AWAIT_CONFIG: {RecordType.CONFIG, RecordType.ABORT},
     DestState.RECEIVING: {
         RecordType.PAGES, RecordType.ROUND_END, RecordType.VERIFY, RecordType.STATE,
@@ -67,119 +75,114 @@ ALLOWED: dict[DestState, set[RecordType]] = {
 
 
 class Destination:
-    """Receives one incoming migration on a connected socket."""
+    """Receives one incoming migration of a negotiated session."""
 
-    def __init__(self, sock: socket.socket, build: Callable[[MachineConfig], Machine]) -> None:
-        self.sock = sock
+    def __init__(self, sess: Session, build: Callable[[MachineConfig], Machine],
+                 outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.sess = sess
         self.build = build
-        self.state = DestState.AWAIT_HELLO
-        self.reader = RecordReader(sock)
-        self.stats = MigrationStats()
+        self.outcomes = outcomes or Outcomes()
+        self.idle_timeout = idle_timeout
+        self.state = DestState.AWAIT_CONFIG
+        self.stats = MigrationStats(security=sess.security)
         self.machine: Machine | None = None
         self.ram: np.ndarray | None = None
+        self.placer: pages_mod.RamPlacer | None = None
         self.prefault: Prefaulter | None = None
-        self.encodings: set[pages.Encoding] = set()
-        self.features: list[str] = []
         self.verify: VerifyTable | None = None
         self.round = RoundStats(1)
         self.source_probe: dict = {}
+        self.switchover_s = DEFAULT_SWITCHOVER_S
+        self.ready_at = 0.0
         self._t0 = time.monotonic()
 
     def run(self) -> tuple[Machine, MigrationStats]:
-        """Receive until RUNNING; raises MigrationError (machine closed unless COMMIT_UNKNOWN)."""
-        tune(self.sock)
+        """Receive until RUNNING; raises MigrationError (and the machine is closed)."""
         handlers = {
-            RecordType.HELLO: self._on_hello, RecordType.CONFIG: self._on_config,
-            RecordType.PAGES: self._on_pages, RecordType.ROUND_END: self._on_round_end,
-            RecordType.VERIFY: self._on_verify, RecordType.STATE: self._on_state,
-            RecordType.COMMIT: self._on_commit, RecordType.ABORT: self._on_abort,
+            RecordType.CONFIG: self._on_config, RecordType.PAGES: self._on_pages,
+            RecordType.ROUND_END: self._on_round_end, RecordType.VERIFY: self._on_verify,
+            RecordType.STATE: self._on_state, RecordType.COMMIT: self._on_commit,
+            RecordType.ABORT: self._on_abort,
         }
         try:
             while self.state is not DestState.RUNNING:
-                rec = self.reader.read()
+                rec = self.sess.main.read(self._deadline())
                 if rec.type not in ALLOWED[self.state]:
                     raise ProtocolError(
                         f"{rec.type.name} record not allowed in state {self.state.value}"
                     )
                 handlers[rec.type](rec)
         except MigrationError as e:
-            self._fail(e)
-            raise
+            raise self._fail(e) from e
         except MachineError as e:
-            err = MigrationError(f"destination machine: {e}")
-            self._fail(err)
-            raise err from e
+            raise self._fail(MigrationError(f"destination machine: {e}")) from e
         except Exception as e:  # a bug must not leave the source waiting for nothing
-            err = MigrationError(f"destination failed: {type(e).__name__}: {e}")
-            self._fail(err)
-            raise err from e
+            raise self._fail(MigrationError(f"destination failed: {type(e).__name__}: {e}")) from e
+        finally:
+            self.sess.record_channels()
+            self.stats.channels = self.sess.stats.channels
         assert self.machine is not None
         return self.machine, self.stats
 
-    def _fail(self, e: MigrationError) -> None:
-        self._stop_prefault()
+    def _deadline(self) -> float | None:
+        if self.sess.back is None:
+            return None  # a file: it has all it will ever have
+        if self.state is DestState.READY:
+            return self.ready_at + self.switchover_s + COMMIT_MARGIN
+        return time.monotonic() + self.idle_timeout
+
+    def _send(self, rtype: RecordType, *parts: bytes | memoryview) -> None:
+        """Answer the source (nothing to answer in a file)."""
+        if self.sess.back is not None:
+            self.sess.back.send(rtype, *parts, deadline=time.monotonic() + self.idle_timeout)
+
+    def _fail(self, e: MigrationError) -> MigrationError:
+        """Give everything up; returns the error to raise (reworded when the copy was
+        discarded after READY)."""
+        self._release_views()
         self.stats.error = str(e)
-        if self.state is DestState.READY and isinstance(e, ConnectionLost):
-            self.state = DestState.COMMIT_UNKNOWN
-            self.stats.status = "commit-unknown"
-            err = CommitUnconfirmed(
-                f"connection lost after READY ({e}): the machine is kept paused here; the "
-                "source may or may not have committed"
-            )
-            err.machine = self.machine  # type: ignore[attr-defined]
-            raise err from e
-        if not isinstance(e, (ConnectionLost, RemoteError)):
-            try:
-                send_record(self.sock, RecordType.ERROR, str(e).encode()[:4096])
-                self._drain()
-            except MigrationError:
-                pass
-        if self.state is not DestState.ABORTED:
+        if self.state is DestState.READY:
+            self.outcomes.decide(self.sess.id, False)
+            self.state = DestState.DISCARDED
+            e = type(e)(f"{e}; READY was sent but COMMIT never came: the destination "
+                        "discarded its copy")
+            self.stats.error = str(e)
+        elif self.state is not DestState.ABORTED:
             self.state = DestState.FAILED
+        refuse(self.sess.back or self.sess.main, e)
         self.stats.status = self.state.value
         if self.machine is not None:
             self.machine.close()
             self.machine = None
+        e.stats = self.stats
+        return e
 
-    def _drain(self, timeout: float = 2.0) -> None:
-        """Half-close, then read and drop until the source closes (or `timeout`): closing
-        with unread input would send a reset, which can destroy the ERROR in flight."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            self.sock.settimeout(timeout)
-            end = time.monotonic() + timeout
-            while time.monotonic() < end and self.sock.recv(1 << 16):
-                pass
-        except OSError:
-            pass
-
-    def _on_hello(self, rec: Record) -> None:
-        offer = hello_mod.Hello.decode(rec.payload)
-        mine = hello_mod.Hello(encodings=list(pages.SUPPORTED))
-        try:
-            chosen = hello_mod.choose(offer, mine)
-        except MigrationError:
-            # Answer with our own versions so the source can say what went wrong.
-            send_record(self.sock, RecordType.WELCOME, mine.encode())
-            raise
-        send_record(self.sock, RecordType.WELCOME, chosen.encode())
-        self.encodings = pages.parse_encodings(chosen.encodings)
-        self.features = chosen.features
-        self.state = DestState.AWAIT_CONFIG
+    def _release_views(self) -> None:
+        """Drop every view of guest RAM, so that closing the machine frees it."""
+        if self.prefault is not None:
+            self.prefault.stop()
+            self.prefault = None
+        self.ram = None
+        self.placer = None
 
     def _on_config(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "CONFIG", ("machine", "page_size"))
         if d["page_size"] != PAGE_SIZE:
             raise ProtocolError(f"source pages are {d['page_size']} bytes, here {PAGE_SIZE}")
+        if not isinstance(d["machine"], dict):
+            raise ProtocolError("CONFIG record: machine is not a map")
         cfg = MachineConfig.from_dict(d["machine"])
+        limit = d.get("switchover_timeout_ms")
+        if isinstance(limit, int | float) and 0 < limit < 3_600_000:
+            self.switchover_s = limit / 1000
         self.stats.mode = str(d.get("mode", ""))
         self.machine = self.build(cfg)
         self._start_prefault(d.get("populated"))
-        view = np.frombuffer(self.machine.memory.view(), dtype=np.uint8)
-        self.ram = view.reshape(-1, PAGE_SIZE)
-        if hello_mod.FEATURE_VERIFY in self.features:
+        self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.placer = pages_mod.RamPlacer(self.ram)
+        if hello.FEATURE_VERIFY in self.sess.features:
             self.verify = VerifyTable(len(self.ram))
-        send_record(self.sock, RecordType.CONFIG_OK)
+        self._send(RecordType.CONFIG_OK)
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
@@ -196,25 +199,20 @@ class Destination:
         if runs:
             self.prefault = Prefaulter(self.machine.memory.view(), runs)
 
-    def _stop_prefault(self) -> None:
-        if self.prefault is not None:
-            self.prefault.stop()
-            self.prefault = None
-
     def _on_pages(self, rec: Record) -> None:
-        assert self.ram is not None
-        batch = pages.decode(rec.payload, len(self.ram), self.encodings)
-        pages.apply(batch, self.ram)
-        for e in pages.Encoding:
-            self.round.add(e.wire_name, batch.count(e))
+        assert self.ram is not None and self.placer is not None
+        batch = pages_mod.decode(rec.payload, len(self.ram), self.sess.codecs)
+        pages_mod.apply(batch, self.sess.codecs, self.placer)
+        for codec in self.sess.codecs.codecs:
+            self.round.add(codec.name, batch.count(codec.id))
         self.round.bytes_sent += len(rec.payload) + 16
 
     def _on_round_end(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "ROUND_END", ("round",))
         self.stats.rounds.append(self.round)
         self.stats.bytes_sent += self.round.bytes_sent
-        if hello_mod.FEATURE_ROUND_ACK in self.features:
-            send_record(self.sock, RecordType.ROUND_ACK, records.pack({"round": d["round"]}))
+        if hello.FEATURE_ROUND_ACK in self.sess.features:
+            self._send(RecordType.ROUND_ACK, records.pack({"round": d["round"]}))
         self.round = RoundStats(len(self.stats.rounds) + 1)
 
     def _on_verify(self, rec: Record) -> None:
@@ -224,36 +222,45 @@ class Destination:
 
     def _on_state(self, rec: Record) -> None:
         assert self.machine is not None and self.ram is not None
-        self._stop_prefault()
+        if self.prefault is not None:
+            self.prefault.stop()
+            self.prefault = None
         d = records.unpack(rec.payload, "STATE", ("state",))
         if not isinstance(d["state"], bytes):
             raise ProtocolError("STATE record: state is not a byte string")
+        probe = d.get("probe") or {}
+        if not isinstance(probe, dict):
+            raise ProtocolError("STATE record: probe is not a map")
         state = MachineState.decode(d["state"])
-        self.source_probe = d.get("probe") or {}
+        self.source_probe = probe
         if self.verify is not None:
             problem = self.verify.check(self.ram, scan.populated(self.machine.memory))
             if problem:
                 raise MigrationError(problem + "; refusing to COMMIT")
             self.stats.verified_memory = True
         self.machine.load_state(state)
-        send_record(self.sock, RecordType.READY)
+        self._send(RecordType.READY)
+        self.ready_at = time.monotonic()
         self.state = DestState.READY
 
     def _on_commit(self, rec: Record) -> None:
         assert self.machine is not None
+        if not self.outcomes.decide(self.sess.id, True):
+            raise MigrationError("COMMIT came after the migration was given up here")
+        self._release_views()
         started = time.time()
         self.machine.start()
-        send_record(self.sock, RecordType.RUNNING)
         self.state = DestState.RUNNING
         self.stats.status = "completed"
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
-        if hello_mod.FEATURE_REPORT in self.features:
-            beating = bool(self.source_probe.get("last_heartbeat"))
-            first = self._first_heartbeat(started) if beating else None
-            try:
-                send_record(self.sock, RecordType.REPORT, records.pack({"first_heartbeat": first}))
-            except MigrationError:
-                pass
+        try:
+            self._send(RecordType.RUNNING)
+            if hello.FEATURE_REPORT in self.sess.features:
+                beating = bool(self.source_probe.get("last_heartbeat"))
+                first = self._first_heartbeat(started) if beating else None
+                self._send(RecordType.REPORT, records.pack({"first_heartbeat": first}))
+        except MigrationError:
+            pass  # the machine runs here; the source learns it by resolving
 
     def _first_heartbeat(self, since: float) -> float | None:
         assert self.machine is not None
@@ -270,13 +277,36 @@ class Destination:
         raise RemoteError(f"source aborted the migration: {rec.text()}")
 
 
-def receive(
-    sock: socket.socket, build: Callable[[MachineConfig], Machine]
-) -> tuple[Machine, MigrationStats]:
-    """Receive one migration on `sock`; `build` makes an empty machine for the config.
+def refuse(chan: Channel, e: MigrationError) -> None:
+    """Tell the peer why (unless it went away, or told us, or the hello already answered),
+    then let the ERROR reach it before the connection closes."""
+    if isinstance(e, ConnectionLost | RemoteError | AuthError):
+        return
+    try:
+        chan.send(RecordType.ERROR, str(e).encode()[:4096], deadline=time.monotonic() + 2)
+    except MigrationError:
+        return
+    chan.drain()
+
+
+def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Machine],
+            security: Security | None = None, outcomes: Outcomes | None = None,
+            hello_timeout: float = 30.0) -> tuple[Machine, MigrationStats]:
+    """Receive one migration on a connected socket or channel (its hello included); `build`
+    makes an empty machine for the config.
 
     Returns the machine, running, once COMMIT has come and RUNNING was answered. Raises
-    MigrationError otherwise (the machine built, if any, is closed), except CommitUnconfirmed
-    whose `.machine` is the loaded, paused machine.
+    MigrationError otherwise; the machine built, if any, is closed.
     """
-    return Destination(sock, build).run()
+    chan = sock if isinstance(sock, Channel) else SocketChannel(sock)
+    sec = security or Security.insecure()
+    try:
+        _offer, chosen = handshake.server(chan, hello.Hello(encodings=list(SUPPORTED)), sec,
+                                          time.monotonic() + hello_timeout)
+    except MigrationError as e:
+        refuse(chan, e)
+        raise
+    assert chosen.session is not None
+    sess = Session(chosen.session, chosen.min_version, chosen.features,
+                   CodecSet(chosen.encodings), chan, chan, sec.describe())
+    return Destination(sess, build, outcomes).run()

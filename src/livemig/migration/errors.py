@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from livemig.migration.stats import MigrationStats
+
 
 class MigrationError(Exception):
-    """Base of every migration failure."""
+    """Base of every migration failure; `stats` holds what the migration did before it."""
+
+    def __init__(self, message: str, stats: MigrationStats | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 
 class ProtocolError(MigrationError):
@@ -15,6 +24,10 @@ class VersionError(ProtocolError):
     """The peers share no protocol version."""
 
 
+class AuthError(MigrationError):
+    """The peer could not prove it holds the key or certificate this side requires."""
+
+
 class RemoteError(MigrationError):
     """The peer reported a failure of its own (an ERROR or ABORT record)."""
 
@@ -23,13 +36,23 @@ class ConnectionLost(MigrationError):
     """The connection closed or failed before the migration completed."""
 
 
+class Timeout(ConnectionLost):
+    """The peer sent or took nothing for longer than allowed (a stalled or idle link)."""
+
+
 class Cancelled(MigrationError):
     """The migration was cancelled on request; the source machine keeps running."""
 
 
 class CommitUnconfirmed(MigrationError):
-    """COMMIT was sent but RUNNING never came back: both sides stay paused.
+    """COMMIT was sent (source) or may have been (destination), but the outcome is unknown.
 
-    The source will not resume by itself, since the destination may be running; an operator
-    must find out which copy is alive.
+    The source will not resume by itself, since the destination may be running; the resolve
+    step (`livemig ctl SOCK migrate-resolve`) asks the destination and runs exactly one copy.
+    `machine` is the destination's paused copy when the destination raises it.
     """
+
+    def __init__(self, message: str, stats: MigrationStats | None = None,
+                 machine: Any = None) -> None:
+        super().__init__(message, stats)
+        self.machine = machine

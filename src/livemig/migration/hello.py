@@ -5,7 +5,8 @@ HELLO payload (source -> destination), WELCOME payload (destination -> source):
     4 bytes  b"LMIG"
     u16      lowest protocol version the sender speaks (WELCOME: chosen version)
     u16      highest protocol version the sender speaks (WELCOME: chosen version again)
-    msgpack  {"features": [str], "encodings": [str], "software": str}
+    msgpack  {"features": [str], "encodings": [str], "software": str, "role": str,
+              "session": bytes or nil, "nonce": bytes, "auth": [str]}
 
 The fixed prefix never changes, so two livemig of any version can tell each other apart. The
 destination picks the highest common version and answers with the features and page
@@ -35,17 +36,29 @@ KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT)
 
 @dataclass
 class Hello:
-    """What one side offers (HELLO) or what the destination chose (WELCOME)."""
+    """What one side offers (HELLO) or what the destination chose (WELCOME).
+
+    `role` names what the connection carries (channels.Role), `session` the migration an
+    extra connection belongs to (the destination assigns it in the main WELCOME), `nonce` is
+    fresh per connection and `auth` lists the proofs the sender will give ("psk").
+    """
 
     min_version: int = MIN_PROTOCOL_VERSION
     max_version: int = PROTOCOL_VERSION
     features: list[str] = field(default_factory=lambda: list(KNOWN_FEATURES))
     encodings: list[str] = field(default_factory=list)
     software: str = "livemig"
+    role: str = "main"
+    session: bytes | None = None
+    nonce: bytes = b""
+    auth: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        body = {"features": self.features, "encodings": self.encodings, "software": self.software}
-        return _PREFIX.pack(HELLO_MAGIC, self.min_version, self.max_version) + msgpack.packb(body)
+        body = {"features": self.features, "encodings": self.encodings, "software": self.software,
+                "role": self.role, "session": self.session, "nonce": self.nonce,
+                "auth": self.auth}
+        return _PREFIX.pack(HELLO_MAGIC, self.min_version, self.max_version) + msgpack.packb(
+            body, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Hello:
@@ -60,9 +73,15 @@ class Hello:
             feats = [str(f) for f in body["features"]]
             encs = [str(e) for e in body["encodings"]]
             soft = str(body.get("software", ""))
+            role = str(body.get("role", "main"))
+            session = body.get("session")
+            nonce = body.get("nonce", b"")
+            auth = [str(a) for a in body.get("auth", [])]
         except Exception as e:
             raise ProtocolError(f"malformed hello body: {e}") from e
-        return cls(lo, hi, feats, encs, soft)
+        if not isinstance(nonce, bytes) or not isinstance(session, bytes | None):
+            raise ProtocolError("malformed hello body: nonce and session must be byte strings")
+        return cls(lo, hi, feats, encs, soft, role, session, nonce, auth)
 
 
 def choose(offer: Hello, mine: Hello) -> Hello:
@@ -76,7 +95,7 @@ def choose(offer: Hello, mine: Hello) -> Hello:
         )
     feats = [f for f in offer.features if f in mine.features]
     encs = [e for e in offer.encodings if e in mine.encodings]
-    return Hello(hi, hi, feats, encs, mine.software)
+    return Hello(hi, hi, feats, encs, mine.software, offer.role, offer.session)
 
 
 def check_welcome(welcome: Hello, offer: Hello) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
+
+from livemig.units import parse_rate as _parse_rate
 
 
 class Mode(enum.Enum):
@@ -29,18 +30,21 @@ class MigrationOptions:
     throttle_max: float = 0.99
     # A round "shrinks" when it leaves fewer than this fraction of the previous round's pages.
     shrink_ratio: float = 0.95
-    commit_timeout_s: float = 30.0
+    commit_timeout_s: float = 30.0  # how long RUNNING may take to come back after COMMIT
+    switchover_timeout_s: float | None = None  # pause to READY; None: derived, see below
 
-
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1 << 20, "gi": 1 << 30}
+    def switchover_limit_s(self) -> float:
+        """How long the guest may stay paused before READY: past it the source aborts and
+        resumes (before COMMIT only). Ten times the downtime goal, at least 5 s, four times
+        that with --verify-memory (the destination hashes all RAM); --switchover-timeout
+        overrides."""
+        if self.switchover_timeout_s is not None:
+            return self.switchover_timeout_s
+        limit = max(5.0, 10 * self.max_downtime_ms / 1000)
+        return limit * 4 if self.verify_memory else limit
 
 
 def parse_rate(text: str) -> float:
-    """Parse a rate such as `100M`, `1.5G`, `64Mi`, `200MB/s` into bytes per second."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?)?b?(/s)?\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot read rate {text!r} (try 100M, 1G, 64Mi)")
-    value = float(m.group(1)) * _UNITS[m.group(2) or ""]
-    if value <= 0:
-        raise ValueError(f"rate must be positive, got {text!r}")
-    return value
+    """A rate such as `100M`, `1.5G`, `64MiB/s` in bytes per second (binary units: 1G = 2^30
+    bytes/s); the one parser is `livemig.units.parse_rate`."""
+    return _parse_rate(text)

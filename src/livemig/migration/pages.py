@@ -1,4 +1,4 @@
-"""Page batches: the PAGES record and its per-page encodings.
+"""Page batches: the PAGES record, encoded and decoded with the session's codecs.
 
 PAGES payload, little-endian, n = number of pages (1..MAX_BATCH):
 
@@ -6,51 +6,29 @@ PAGES payload, little-endian, n = number of pages (1..MAX_BATCH):
     u32      reserved, 0
     u64[n]   page index (guest-physical offset / page size)
     u32[n]   encoded length of each page's data
-    u8[n]    encoding of each page (Encoding)
+    u8[n]    codec id of each page (codecs/: 0 zero, 1 raw, ...)
     pad      zero bytes up to a multiple of 8
-    data     the encoded pages, in order, back to back
+    data     the encoded pages, grouped by codec in ascending id order, each group in table
+             order, back to back
 
-Each encoding defines its data: ZERO has none (the page is all zero), RAW has the page's 4096
-bytes. The length table lets a receiver walk a batch whose encodings have variable lengths
-(compression, deltas, references), so new encodings need no new record type. Only encodings
+The length table lets a receiver walk a batch whose codecs have variable lengths
+(compression, deltas, references), so new codecs need no new record type. Only codecs
 negotiated in the hello may appear.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from livemig.contract import PAGE_SIZE
+from livemig.migration.codecs import CodecSet, PagePlacer
 from livemig.migration.errors import ProtocolError
-from livemig.migration.scan import nonzero_in
 
 MAX_BATCH = 512  # pages per PAGES record (2 MiB of raw data; measured best of 256..1024)
 _HEAD = struct.Struct("<II")
-
-
-class Encoding(enum.IntEnum):
-    """Per-page encodings; ids are stable, names are what the hello negotiates."""
-
-    ZERO = 0
-    RAW = 1
-
-    @property
-    def wire_name(self) -> str:
-        return self.name.lower()
-
-
-SUPPORTED = [e.wire_name for e in Encoding]
-
-
-def parse_encodings(names: Iterable[str]) -> set[Encoding]:
-    """The encodings among `names` that this livemig knows."""
-    by_name = {e.wire_name: e for e in Encoding}
-    return {by_name[n] for n in names if n in by_name}
 
 
 def meta_size(n: int) -> int:
@@ -61,13 +39,13 @@ def meta_size(n: int) -> int:
 
 @dataclass
 class EncodedBatch:
-    """A PAGES payload ready to send: `meta` then `data` (a view on the encoder's buffer)."""
+    """A PAGES payload ready to send: `meta` then `data` buffers; pages and bytes per codec."""
 
     meta: bytes
-    data: memoryview
+    data: list[bytes | memoryview]
     pages: int
-    zero: int
-    raw: int
+    by_codec: dict[str, int] = field(default_factory=dict)
+    bytes_by_codec: dict[str, int] = field(default_factory=dict)
 
 
 class BatchEncoder:
@@ -77,40 +55,58 @@ class BatchEncoder:
     while the guest keeps writing (the page is dirty again then, and will be re-sent).
     """
 
-    def __init__(self, ram_pages: np.ndarray) -> None:
+    def __init__(self, ram_pages: np.ndarray, codecs: CodecSet) -> None:
         self.ram = ram_pages
+        self.codecs = codecs
         self._buf = np.empty((MAX_BATCH, PAGE_SIZE), dtype=np.uint8)
 
-    def encode(self, idx: np.ndarray, frozen: bool = False) -> EncodedBatch:
-        """Encode pages `idx` (at most MAX_BATCH) as ZERO or RAW.
-
-        `frozen` says the guest is paused: a run of pages is then sent straight from RAM,
-        without the private copy, since nothing can change it between CRC and send.
-        """
+    def _pages(self, idx: np.ndarray, frozen: bool) -> np.ndarray:
         n = len(idx)
-        if not 0 < n <= MAX_BATCH:
-            raise ValueError(f"batch of {n} pages")
-        copy = self._buf[:n]
         first = int(idx[0])
         run = int(idx[-1]) - first == n - 1 and is_run(idx)
-        if run and frozen:
-            copy = self.ram[first : first + n]
-        elif run:
+        if run and frozen:  # paused guest: nothing can change between CRC and send
+            return self.ram[first : first + n]
+        copy = self._buf[:n]
+        if run:
             copy[:] = self.ram[first : first + n]  # one memcpy for a run of pages
         else:
             np.take(self.ram, idx, axis=0, out=copy)
-        nonzero = nonzero_in(copy)
-        nraw = int(np.count_nonzero(nonzero))
-        data = copy if nraw == n else copy[nonzero]
-        enc = nonzero.astype(np.uint8)  # RAW = 1, ZERO = 0
-        lens = enc.astype(np.uint32) * PAGE_SIZE
+        return copy
+
+    def encode(self, idx: np.ndarray, frozen: bool = False) -> EncodedBatch:
+        """Encode pages `idx` (at most MAX_BATCH); `frozen` says the guest is paused."""
+        n = len(idx)
+        if not 0 < n <= MAX_BATCH:
+            raise ValueError(f"batch of {n} pages")
+        pages = self._pages(idx, frozen)
+        todo = np.ones(n, dtype=bool)
+        ids = np.zeros(n, dtype=np.uint8)
+        lens = np.zeros(n, dtype=np.uint32)
+        groups: dict[int, list[bytes | memoryview]] = {}
+        out = EncodedBatch(b"", [], n)
+        for codec in self.codecs.codecs:
+            if not todo.any():
+                break
+            c = codec.claim(pages, todo, self.codecs.state[codec.id])
+            if not c.mask.any():
+                continue
+            todo &= ~c.mask
+            ids[c.mask] = codec.id
+            lens[c.mask] = c.lens
+            groups[codec.id] = c.data
+            out.by_codec[codec.name] = int(np.count_nonzero(c.mask))
+            out.bytes_by_codec[codec.name] = int(c.lens.sum(dtype=np.uint64))
+        if todo.any():
+            raise ValueError("no negotiated codec took some pages (raw must be last)")
         meta = bytearray(meta_size(n))
         _HEAD.pack_into(meta, 0, n, 0)
         o = _HEAD.size
         meta[o : o + 8 * n] = idx.astype("<u8").tobytes()
         meta[o + 8 * n : o + 12 * n] = lens.astype("<u4").tobytes()
-        meta[o + 12 * n : o + 13 * n] = enc.tobytes()
-        return EncodedBatch(bytes(meta), data.data.cast("B"), n, n - nraw, nraw)
+        meta[o + 12 * n : o + 13 * n] = ids.tobytes()
+        out.meta = bytes(meta)
+        out.data = [b for cid in sorted(groups) for b in groups[cid]]
+        return out
 
 
 @dataclass
@@ -119,58 +115,72 @@ class DecodedBatch:
 
     idx: np.ndarray
     lens: np.ndarray
-    enc: np.ndarray
+    ids: np.ndarray
     data: memoryview
 
-    def count(self, e: Encoding) -> int:
-        return int(np.count_nonzero(self.enc == e))
+    def count(self, codec_id: int) -> int:
+        return int(np.count_nonzero(self.ids == codec_id))
 
 
-def decode(payload: memoryview, npages: int, allowed: set[Encoding]) -> DecodedBatch:
-    """Check a PAGES payload against the machine size and negotiated encodings."""
+def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
+    """Check a PAGES payload against the machine size and the negotiated codecs."""
     if len(payload) < _HEAD.size:
         raise ProtocolError(f"PAGES record too short ({len(payload)} bytes)")
     n, reserved = _HEAD.unpack_from(payload)
     if reserved != 0 or not 0 < n <= MAX_BATCH:
-        raise ProtocolError(f"PAGES record with bad header (count {n}, reserved {reserved})")
+        raise ProtocolError(f"PAGES record with bad header (count {n}, reserved {reserved};"
+                            f" at most {MAX_BATCH} pages)")
     m = meta_size(n)
     if len(payload) < m:
         raise ProtocolError(f"PAGES record truncated: {len(payload)} bytes, tables need {m}")
     o = _HEAD.size
     idx = np.frombuffer(payload, "<u8", n, o)
     lens = np.frombuffer(payload, "<u4", n, o + 8 * n)
-    enc = np.frombuffer(payload, np.uint8, n, o + 12 * n)
+    ids = np.frombuffer(payload, np.uint8, n, o + 12 * n)
     if int(idx.max()) >= npages:
         raise ProtocolError(f"PAGES record names page {int(idx.max())}, RAM has {npages}")
-    present = set(np.unique(enc).tolist())
-    bad = present - {int(e) for e in allowed}
+    bad = set(np.unique(ids).tolist()) - set(codecs.by_id)
     if bad:
         raise ProtocolError(f"PAGES record uses encoding(s) {sorted(bad)} never negotiated")
-    expect = np.where(enc == Encoding.RAW, PAGE_SIZE, 0)
-    fixed = (enc == Encoding.RAW) | (enc == Encoding.ZERO)
-    if np.any(fixed & (lens != expect)):
-        raise ProtocolError("PAGES record has a page whose length does not fit its encoding")
+    for cid, codec in codecs.by_id.items():
+        problem = codec.check(lens[ids == cid])
+        if problem:
+            raise ProtocolError(
+                f"PAGES record has a page whose length does not fit its encoding ({problem})")
     if int(lens.sum(dtype=np.uint64)) != len(payload) - m:
         raise ProtocolError(
             f"PAGES record data is {len(payload) - m} bytes, its table says {int(lens.sum())}"
         )
-    return DecodedBatch(idx, lens, enc, payload[m:])
+    return DecodedBatch(idx, lens, ids, payload[m:])
 
 
-def apply(batch: DecodedBatch, ram_pages: np.ndarray) -> None:
-    """Write a decoded batch into RAM (destination side; nothing runs on it yet)."""
-    raw = batch.enc == Encoding.RAW
-    zero = batch.enc == Encoding.ZERO
-    if np.any(zero):
-        ram_pages[batch.idx[zero]] = 0
-    if np.any(raw):
-        data = np.frombuffer(batch.data, np.uint8).reshape(-1, PAGE_SIZE)
-        idx = batch.idx[raw]
+def apply(batch: DecodedBatch, codecs: CodecSet, placer: PagePlacer) -> None:
+    """Hand each codec its pages of a checked batch, to place through `placer`."""
+    off = 0
+    for cid in sorted(set(np.unique(batch.ids).tolist())):
+        sel = batch.ids == cid
+        size = int(batch.lens[sel].sum(dtype=np.uint64))
+        codec = codecs.by_id[cid]
+        codec.place(batch.idx[sel], batch.lens[sel], batch.data[off : off + size],
+                    placer, codecs.state[cid])
+        off += size
+
+
+class RamPlacer:
+    """The ordinary placer: pages are stored into the destination's RAM mapping."""
+
+    def __init__(self, ram_pages: np.ndarray) -> None:
+        self.ram = ram_pages
+
+    def zero(self, idx: np.ndarray) -> None:
+        self.ram[idx] = 0
+
+    def store(self, idx: np.ndarray, data: np.ndarray) -> None:
         first = int(idx[0])
         if int(idx[-1]) - first == len(idx) - 1 and is_run(idx):
-            ram_pages[first : first + len(idx)] = data  # one memcpy for a run of pages
+            self.ram[first : first + len(idx)] = data  # one memcpy for a run of pages
         else:
-            ram_pages[idx] = data
+            self.ram[idx] = data
 
 
 def is_run(idx: np.ndarray) -> bool:

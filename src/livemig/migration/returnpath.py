@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import queue
-import socket
 import threading
+import time
 
+from livemig.migration.channels import Channel
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError, RemoteError
-from livemig.migration.wire import Record, RecordReader, RecordType
+from livemig.migration.wire import Record, RecordType
+
+RETURN_LIMIT = 1 << 20  # the destination's records are small
 
 
 class ReturnPath:
     """Reads destination records in the background.
 
     ERROR records and read failures are kept in `failure` so the sending side can check
-    between batches; ROUND_ACKs are counted; every other record is queued for `expect`.
+    between batches; ROUND_ACKs are dropped (they only pace nothing yet); every other record
+    is queued for `expect`. With no channel (a one-way file session) nothing ever comes and
+    `expect` is not to be called.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._reader = RecordReader(sock, max_payload=1 << 20)
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        chan.set_limit(RETURN_LIMIT)
         self._queue: queue.Queue[Record] = queue.Queue()
         self.failure: MigrationError | None = None
-        self.acked_rounds = 0
         self._thread = threading.Thread(target=self._run, name="migrate-return", daemon=True)
 
     def start(self) -> None:
@@ -30,20 +35,22 @@ class ReturnPath:
     def _run(self) -> None:
         while True:
             try:
-                rec = self._reader.read()
+                rec = self.chan.read()
             except MigrationError as e:
                 if self.failure is None:
                     self.failure = e
+                self._queue.put(Record(RecordType.ERROR, memoryview(b"")))
+                return
+            except (OSError, ValueError) as e:  # the channel was closed under us
+                self.failure = self.failure or ConnectionLost(f"return path closed: {e}")
                 self._queue.put(Record(RecordType.ERROR, memoryview(b"")))
                 return
             if rec.type is RecordType.ERROR:
                 self.failure = RemoteError(f"destination: {rec.text()}")
                 self._queue.put(rec)
                 return
-            if rec.type is RecordType.ROUND_ACK:
-                self.acked_rounds += 1
-                continue
-            self._queue.put(Record(rec.type, memoryview(bytes(rec.payload))))
+            if rec.type is not RecordType.ROUND_ACK:
+                self._queue.put(Record(rec.type, memoryview(bytes(rec.payload))))
 
     def settle(self, timeout: float = 1.0) -> None:
         """After a send failed: give the reader time to pick up the destination's ERROR."""
@@ -55,14 +62,12 @@ class ReturnPath:
         if self.failure is not None:
             raise self.failure
 
-    def expect(self, rtype: RecordType, timeout: float | None) -> Record:
-        """Wait for the next queued record, which must be `rtype`."""
+    def expect(self, rtype: RecordType, deadline: float) -> Record:
+        """Wait until `deadline` (time.monotonic) for the next record, which must be `rtype`."""
         try:
-            rec = self._queue.get(timeout=timeout)
+            rec = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise ConnectionLost(
-                f"destination did not answer {rtype.name} within {timeout:.0f} s"
-            ) from None
+            raise ConnectionLost(f"destination did not answer {rtype.name} in time") from None
         if rec.type is RecordType.ERROR:
             self.check()
         if rec.type is not rtype:

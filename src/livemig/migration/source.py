@@ -1,15 +1,17 @@
-"""The source side of a migration, as an explicit state machine.
+"""The source side of a migration: one driver for every strategy, as a state machine.
 
-    CONNECTED --HELLO/WELCOME--> NEGOTIATED --CONFIG/CONFIG_OK--> CONFIGURED
-    CONFIGURED --(precopy: live rounds)--> ITERATING --pause--> SWITCHOVER
-    CONFIGURED --(stop-copy: pause)------------------------> SWITCHOVER
-    SWITCHOVER --last pages, VERIFY, STATE; READY--> READY
-    READY --COMMIT--> COMMITTED --RUNNING--> COMPLETED
-    any state before COMMITTED --failure--> FAILED (source resumed if it was paused)
-    any state before COMMITTED --cancel--> CANCELLED (ABORT sent, source resumed)
-    COMMITTED --no RUNNING--> COMMIT_UNCONFIRMED (source stays paused, error raised)
+    CONNECTED --hello (+ AUTH)--> NEGOTIATED --CONFIG/CONFIG_OK--> CONFIGURED
+    CONFIGURED --strategy.live_copy--> ITERATING --pause--> SWITCHOVER
+    SWITCHOVER --last pages, VERIFY, STATE; READY--> READY --COMMIT--> COMMITTED
+    COMMITTED --RUNNING--> COMPLETED (strategy.after_commit runs here)
+    before COMMITTED: failure --> FAILED, cancel --> CANCELLED (ABORT sent, source resumed)
+    SWITCHOVER longer than the switch-over limit --> FAILED (aborted, source resumed)
+    COMMITTED --no RUNNING--> resolve: ask the destination on a new connection;
+        it never got COMMIT --> FAILED (source resumed); it did --> COMPLETED;
+        no answer --> COMMIT_UNCONFIRMED (source stays paused; `migrate-resolve` later)
 
-After COMMIT the source never resumes by itself: the destination may be running.
+After COMMIT the source never resumes by itself unless the destination has said, on an
+authenticated connection, that it never received COMMIT and has discarded its copy.
 """
 
 from __future__ import annotations
@@ -25,25 +27,27 @@ import numpy as np
 from livemig.contract import PAGE_SIZE, Machine
 from livemig.extents import runs
 from livemig.migration import hello as hello_mod
-from livemig.migration import records, scan, verify
+from livemig.migration import records, resolve, scan, session, strategies, verify
+from livemig.migration.channels import Channel, SocketChannel
 from livemig.migration.errors import (
     Cancelled,
     CommitUnconfirmed,
     ConnectionLost,
     MigrationError,
-    ProtocolError,
 )
 from livemig.migration.gap import guest_gap_ms
-from livemig.migration.options import MigrationOptions, Mode
-from livemig.migration.pages import MAX_BATCH, SUPPORTED, BatchEncoder, Encoding
-from livemig.migration.precopy import Convergence
+from livemig.migration.options import MigrationOptions
+from livemig.migration.pages import MAX_BATCH, BatchEncoder
+from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import ReturnPath
+from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
-from livemig.migration.transport import RateLimiter, tune
-from livemig.migration.wire import RecordType, frame, send_buffers, send_record
+from livemig.migration.wire import RecordType
 
 SCAN_CHUNK = 32768  # pages scanned for zeroes at a time in the first round (128 MiB)
 PROGRESS_EVERY = 0.05  # seconds between progress callbacks
+HELLO_TIMEOUT = 30.0  # seconds for the destination's WELCOME, proofs and CONFIG_OK
+ABORT_GRACE = 1.0  # seconds an ABORT may take to go out on a failing link
 
 
 class SourceState(enum.Enum):
@@ -63,68 +67,80 @@ class SourceState(enum.Enum):
 
 
 class Source:
-    """Runs one outgoing migration of `machine` over a connected socket."""
+    """Runs one outgoing migration of `machine` over `main` (a connected channel, or a file
+    channel for a snapshot); `redial` opens further connections to the same destination."""
 
-    def __init__(
-        self,
-        machine: Machine,
-        sock: socket.socket,
-        opts: MigrationOptions,
-        progress: Callable[[Progress], None] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> None:
+    def __init__(self, machine: Machine, main: Channel, opts: MigrationOptions,
+                 progress: Callable[[Progress], None] | None = None,
+                 cancel: threading.Event | None = None, security: Security | None = None,
+                 redial: session.Redial | None = None, to_file: bool = False) -> None:
         self.m = machine
-        self.sock = sock
+        self.main = main
         self.opts = opts
         self.progress = progress
         self.cancel = cancel or threading.Event()
+        self.security = security or Security.insecure()
+        self.redial = redial
+        self.to_file = to_file
+        self.strategy = strategies.for_mode(opts.mode)
         self.state = SourceState.CONNECTED
-        self.stats = MigrationStats(mode=opts.mode.value)
-        self.ret = ReturnPath(sock)
-        self.limiter = RateLimiter(opts.max_bandwidth)
-        view = np.frombuffer(machine.memory.view(), dtype=np.uint8)
-        self.ram = view.reshape(-1, PAGE_SIZE)
-        self.encoder = BatchEncoder(self.ram)
-        self.features: list[str] = []
+        self.stats = MigrationStats(mode=opts.mode.value, security=self.security.describe())
+        self.session: session.Session | None = None
+        self.ret: ReturnPath | None = None
+        self.limiter = RateLimiter(None if to_file else opts.max_bandwidth)
+        self.ram = np.frombuffer(machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.encoder: BatchEncoder | None = None
         self.paused = False
-        self._live_bytes = 0
-        self._live_time = 0.0
+        self.deadline: float | None = None  # while paused: when the switch-over must give up
+        self.live_bytes = 0
+        self.live_time = 0.0
+        self.throttle = 0.0
         self._last_progress = 0.0
-        self._t0 = 0.0
-        self._wall0 = 0.0
-        self._paused_at = 0.0
-        self._step_t = 0.0
-        self.m_throttle = 0.0
-        self.stop_reason = ""
+        self._t0 = self._phase_t = self._step_t = self._paused_at = time.monotonic()
+        self._wall0 = time.time()
 
     # -- driver ---------------------------------------------------------------------------
 
     def run(self) -> MigrationStats:
-        """Migrate; returns the stats or raises MigrationError with `.stats` attached."""
+        """Migrate; returns the stats or raises MigrationError carrying them as `.stats`."""
         self._t0, self._wall0 = time.monotonic(), time.time()
         try:
-            tune(self.sock)
             self._negotiate()
             self._configure()
-            self.stats.setup_ms = self._ms()
+            self._phase("setup")
+            self.stats.setup_ms = self.stats.phases_ms["setup"]
             self.stats.status = "active"
-            if self.opts.mode is Mode.PRECOPY:
-                self._precopy()
-            else:
-                self._stop_copy()
+            self.state = SourceState.ITERATING
+            self.strategy.live_copy(self)
+            self._phase("live-copy")
+            if not self.paused:
+                self.pause()
+            final = self.strategy.final_pages(self)
+            self.send_round(len(self.stats.rounds) + 1, final)
+            self.step("last-round")
             self._switchover()
+            self._phase("switchover")
+            self.strategy.after_commit(self)
+            self._phase("after-commit")
         except MigrationError as e:
             self._fail(e)
-            e.stats = self.stats  # type: ignore[attr-defined]
+            e.stats = self.stats
             raise
         except Exception as e:  # a bug or a machine error: still never leave the guest paused
-            err = MigrationError(f"migration failed: {type(e).__name__}: {e}")
+            err = MigrationError(f"migration failed: {type(e).__name__}: {e}", self.stats)
             self._fail(err)
-            err.stats = self.stats  # type: ignore[attr-defined]
             raise err from e
+        finally:
+            self._record_channels()
         return self.stats
 
-    def _step(self, name: str) -> None:
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.stats.phases_ms[name] = (now - self._phase_t) * 1000
+        self._phase_t = now
+        self.stats.event(f"{name}-done")
+
+    def step(self, name: str) -> None:
         """Close the current switch-over step (timed since the previous one)."""
         now = time.monotonic()
         self.stats.switchover_ms[name] = (now - self._step_t) * 1000
@@ -133,23 +149,28 @@ class Source:
     def _ms(self) -> float:
         return (time.monotonic() - self._t0) * 1000
 
+    def _record_channels(self) -> None:
+        if self.session is not None:
+            self.session.record_channels()
+            self.stats.channels = self.session.stats.channels
+
     def _fail(self, e: MigrationError) -> None:
         """Leave the source as it must be after `e`, and record why."""
         self.stats.total_ms = self._ms()
         self.stats.error = str(e)
+        self.stats.event("failed")
         if self.state in (SourceState.COMMITTED, SourceState.COMPLETED):
             self.state = SourceState.COMMIT_UNCONFIRMED
             self.stats.status = "commit-unconfirmed"
             return
-        cancelled = isinstance(e, Cancelled)
-        self.state = SourceState.CANCELLED if cancelled else SourceState.FAILED
+        self.state = SourceState.CANCELLED if isinstance(e, Cancelled) else SourceState.FAILED
         self.stats.status = self.state.value
-        reason = str(e).encode()[:4096]
-        try:
-            if not isinstance(e, ConnectionLost):
-                send_record(self.sock, RecordType.ABORT, reason)
-        except MigrationError:
-            pass
+        if not isinstance(e, ConnectionLost):
+            try:
+                self.main.send(RecordType.ABORT, str(e).encode()[:4096],
+                               deadline=time.monotonic() + ABORT_GRACE)
+            except MigrationError:
+                pass
         self._restore_source()
 
     def _restore_source(self) -> None:
@@ -157,81 +178,97 @@ class Source:
             self.m.memory.stop_dirty_log()
         except Exception:
             pass
-        self.m.set_throttle(0.0)
+        self.set_throttle(0.0)
         if self.paused:
             self.m.resume()
             self.paused = False
+            self.stats.event("source-resumed")
 
     # -- setup ----------------------------------------------------------------------------
 
     def _negotiate(self) -> None:
-        offer = hello_mod.Hello(encodings=list(SUPPORTED))
-        if not self.opts.verify_memory:
-            offer.features.remove(hello_mod.FEATURE_VERIFY)
-        send_record(self.sock, RecordType.HELLO, offer.encode())
-        self.ret.start()
-        rec = self.ret.expect(RecordType.WELCOME, timeout=30)
-        welcome = hello_mod.Hello.decode(rec.payload)
-        hello_mod.check_welcome(welcome, offer)
-        if Encoding.RAW.wire_name not in welcome.encodings:
-            raise ProtocolError("destination accepts no raw pages; nothing can be sent")
-        if Encoding.ZERO.wire_name not in welcome.encodings:
-            raise ProtocolError("destination does not accept zero pages (required by this version)")
-        if self.opts.verify_memory and hello_mod.FEATURE_VERIFY not in welcome.features:
-            raise ProtocolError("destination does not support --verify-memory")
-        self.features = welcome.features
+        proposal = session.offer(self.opts.verify_memory)
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        if self.to_file:
+            self.session = session.open_file_writer(self.main, proposal)
+        else:
+            self.session = session.open_source(self.main, self.security, proposal, self.redial,
+                                               deadline)
+            self.ret = ReturnPath(self.session.back or self.main)
+            self.ret.start()
+            if (self.opts.verify_memory
+                    and hello_mod.FEATURE_VERIFY not in self.session.features):
+                raise MigrationError("destination does not support --verify-memory")
+        self.encoder = BatchEncoder(self.ram, self.session.codecs)
         self.state = SourceState.NEGOTIATED
+        self.stats.event("negotiated")
 
     def _configure(self) -> None:
         # "populated": where RAM holds data, a hint for the destination's prefaulting.
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
                "mode": self.opts.mode.value,
+               "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
-        send_record(self.sock, RecordType.CONFIG, records.pack(cfg))
-        self.ret.expect(RecordType.CONFIG_OK, timeout=60)
+        self.send(RecordType.CONFIG, records.pack(cfg))
+        self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         self.state = SourceState.CONFIGURED
 
-    # -- sending pages --------------------------------------------------------------------
+    # -- what strategies use --------------------------------------------------------------
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise if the migration was cancelled or the destination reported a failure."""
         if self.cancel.is_set():
             raise Cancelled("migration cancelled; the source machine keeps running")
-        self.ret.check()
+        if self.ret is not None:
+            self.ret.check()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self._switchover_timeout()
 
-    def _send_pages(self, idx: np.ndarray, rs: RoundStats, remaining: int = 0) -> None:
-        for i in range(0, len(idx), MAX_BATCH):
-            self._check()
-            b = self.encoder.encode(idx[i : i + MAX_BATCH], frozen=self.paused)
-            n = self._send(RecordType.PAGES, b.meta, b.data)
-            rs.bytes_sent += n
-            rs.add("zero", b.zero)
-            rs.add("raw", b.raw)
-            self.limiter.spent(n)
-            self._report(rs, i + b.pages, len(idx), remaining)
+    def _switchover_timeout(self) -> None:
+        raise ConnectionLost(
+            f"switch-over did not finish within {self.opts.switchover_limit_s():.1f} s "
+            "(link stalled?): aborted before COMMIT"
+        )
 
-    def _send(self, rtype: RecordType, *parts: bytes | memoryview) -> int:
+    def send(self, rtype: RecordType, *parts: bytes | memoryview) -> int:
+        """Send one record on the main channel; while paused, never past the deadline."""
         try:
-            n = send_buffers(self.sock, frame(rtype, *parts))
-        except ConnectionLost:
-            self.ret.settle()
-            self.ret.check()  # prefer the destination's own reason, if it gave one
-            raise
+            n = self.main.send(rtype, *parts, deadline=self.deadline)
+        except ConnectionLost as e:
+            if self.ret is not None:
+                self.ret.settle()
+                self.ret.check()  # prefer the destination's own reason, if it gave one
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self._switchover_timeout()
+            raise e
         self.stats.bytes_sent += n
         return n
 
-    def _report(self, rs: RoundStats, done: int, total: int, remaining: int) -> None:
-        now = time.monotonic()
-        if self.progress is None or (now - self._last_progress < PROGRESS_EVERY and done < total):
-            return
-        self._last_progress = now
-        bw = self._live_bytes / self._live_time if self._live_time else 0.0
-        phase = "switchover" if self.paused else "round"
-        self.progress(Progress(phase, rs.number, self.stats.bytes_sent, done, total,
-                               remaining, bw, self.m_throttle))
+    def expect(self, rtype: RecordType, deadline: float) -> None:
+        """Wait for the destination's `rtype` (nothing to wait for in a file)."""
+        if self.ret is not None:
+            self.ret.expect(rtype, deadline)
 
-    def _round(self, number: int, idx: np.ndarray | None) -> RoundStats:
-        """Send one round: `idx` pages, or every non-zero page when None."""
-        rs = RoundStats(number, throttle=self.m_throttle)
+    def set_throttle(self, fraction: float) -> None:
+        if fraction != self.throttle:
+            self.m.set_throttle(fraction)
+            self.throttle = fraction
+            self.stats.throttle = max(self.stats.throttle, fraction)
+
+    def pause(self) -> None:
+        """Pause the guest; from now on the switch-over limit runs."""
+        self._step_t = time.monotonic()
+        self.m.pause()
+        self.paused = True
+        self._paused_at = time.monotonic()
+        self.deadline = self._paused_at + self.opts.switchover_limit_s()
+        self.stats.event("paused")
+        self.step("pause")
+        self.state = SourceState.SWITCHOVER
+
+    def send_round(self, number: int, idx: np.ndarray | None) -> RoundStats:
+        """Send one round: pages `idx`, or every non-zero page when None."""
+        rs = RoundStats(number, throttle=self.throttle)
         self.stats.rounds.append(rs)
         t = time.monotonic()
         if idx is None:
@@ -239,87 +276,62 @@ class Source:
                 self._send_pages(nz, rs)
         else:
             self._send_pages(idx, rs)
-        self._send(RecordType.ROUND_END, records.pack({"round": number,
-                                                       "pages": sum(rs.pages.values())}))
+        self.send(RecordType.ROUND_END, records.pack({"round": number,
+                                                      "pages": sum(rs.pages.values())}))
         rs.duration_ms = (time.monotonic() - t) * 1000
         return rs
 
-    # -- strategies -----------------------------------------------------------------------
+    def _send_pages(self, idx: np.ndarray, rs: RoundStats) -> None:
+        assert self.encoder is not None
+        for i in range(0, len(idx), MAX_BATCH):
+            self.check()
+            b = self.encoder.encode(idx[i : i + MAX_BATCH], frozen=self.paused)
+            n = self.send(RecordType.PAGES, b.meta, *b.data)
+            rs.bytes_sent += n
+            for name, count in b.by_codec.items():
+                rs.add(name, count)
+                self.stats.codec_bytes[name] = (self.stats.codec_bytes.get(name, 0)
+                                                + b.bytes_by_codec[name])
+            self.limiter.spent(n)
+            self._report(rs, i + b.pages, len(idx))
 
-    def _precopy(self) -> None:
-        self.state = SourceState.ITERATING
-        conv = Convergence(self.opts)
-        self.m.memory.start_dirty_log()
-        idx: np.ndarray | None = None
-        number = 1
-        while True:
-            t = time.monotonic()
-            rs = self._round(number, idx)
-            self._live_time += time.monotonic() - t
-            self._live_bytes += rs.bytes_sent
-            dirty_mask = self.m.memory.fetch_dirty()
-            dirty = np.flatnonzero(dirty_mask)
-            rs.dirty_pages = len(dirty)
-            elapsed = max(rs.duration_ms / 1000, 1e-6)
-            self.stats.dirty_rate = len(dirty) / elapsed
-            bw = self._live_bytes / self._live_time if self._live_time else 0.0
-            d = conv.after_round(number, sum(rs.pages.values()), len(dirty), bw)
-            if d.throttle != self.m_throttle:
-                self.m.set_throttle(d.throttle)
-                self.m_throttle = d.throttle
-                self.stats.throttle = max(self.stats.throttle, d.throttle)
-            if d.stop:
-                self.stop_reason = d.reason
-                break
-            idx = dirty
-            number += 1
-        self._pause()
-        # Pages dirtied during the last live round and since: a mask OR, not a sorted union.
-        final = np.flatnonzero(dirty_mask | self.m.memory.fetch_dirty())
-        self.m.memory.stop_dirty_log()
-        self._step("dirty-bitmap")
-        self._round(number + 1, final)
-        self._step("last-round")
-
-    def _stop_copy(self) -> None:
-        self._pause()
-        self._round(1, None)
-        self._step("last-round")
-
-    def _pause(self) -> None:
-        self._step_t = time.monotonic()
-        self.m.pause()
-        self.paused = True
-        self._paused_at = time.monotonic()
-        self._step("pause")
-        self.state = SourceState.SWITCHOVER
+    def _report(self, rs: RoundStats, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.progress is None or (now - self._last_progress < PROGRESS_EVERY and done < total):
+            return
+        self._last_progress = now
+        bw = self.live_bytes / self.live_time if self.live_time else 0.0
+        phase = "switchover" if self.paused else "round"
+        self.progress(Progress(phase, rs.number, self.stats.bytes_sent, done, total, bw,
+                               self.throttle))
 
     # -- switch-over ----------------------------------------------------------------------
 
     def _switchover(self) -> None:
         if self.opts.verify_memory:
             self._send_verify()
-            self._step("verify")
-        self._check()
+            self.step("verify")
+        self.check()
         st = self.m.save_state()
         payload = {"state": st.encode(), "probe": self.m.probe.state()}
-        self._step("save-state")
-        self._send(RecordType.STATE, records.pack(payload))
-        self.ret.expect(RecordType.READY, timeout=self.opts.commit_timeout_s)
-        self._step("until-ready")
+        self.step("save-state")
+        self.send(RecordType.STATE, records.pack(payload))
+        assert self.deadline is not None
+        try:
+            self.expect(RecordType.READY, self.deadline)
+        except ConnectionLost:
+            self.check()  # a passed deadline says so; anything else goes as it is
+            raise
+        self.step("until-ready")
         self.state = SourceState.READY
         if self.cancel.is_set():
             raise Cancelled("migration cancelled before COMMIT; the source machine resumes")
-        self.state = SourceState.COMMITTED  # from here on the source never resumes
-        self._send(RecordType.COMMIT)
-        try:
-            self.ret.expect(RecordType.RUNNING, timeout=self.opts.commit_timeout_s)
-        except MigrationError as e:
-            raise CommitUnconfirmed(
-                f"COMMIT sent but the destination never confirmed RUNNING ({e}); both sides "
-                "stay paused: check the destination before resuming anything"
-            ) from e
-        self._step("until-running")
+        self.state = SourceState.COMMITTED  # from here on the source never resumes by itself
+        self.stats.event("commit")
+        self.deadline = None
+        self.send(RecordType.COMMIT)
+        self._await_running()
+        self.step("until-running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1000
         self.stats.total_ms = self._ms()
         self.state = SourceState.COMPLETED
@@ -328,39 +340,66 @@ class Source:
             self.stats.verified_memory = True
         self._finish_report()
 
+    def _await_running(self) -> None:
+        if self.to_file:
+            return
+        try:
+            self.expect(RecordType.RUNNING, time.monotonic() + self.opts.commit_timeout_s)
+            return
+        except MigrationError as e:
+            lost = e
+        self.stats.event("running-unconfirmed")
+        committed = self._resolve()
+        if committed is None:
+            raise CommitUnconfirmed(
+                f"COMMIT sent but the destination never confirmed RUNNING ({lost}); both sides "
+                "stay paused: run `livemig ctl SOCK migrate-resolve` once the destination is "
+                "reachable", self.stats) from lost
+        if not committed:
+            self.state = SourceState.SWITCHOVER  # the destination discarded: safe to resume
+            raise MigrationError("COMMIT never reached the destination, which discarded its "
+                                 "copy", self.stats) from lost
+
+    def _resolve(self) -> bool | None:
+        """Ask the destination, on a new connection, whether COMMIT arrived (None: no answer)."""
+        if self.redial is None or self.session is None:
+            return None
+        try:
+            return resolve.ask(self.redial, self.security, self.session.id)
+        except MigrationError:
+            return None
+
     def _send_verify(self) -> None:
         key = verify.new_key()
         digests = verify.page_digests(self.ram, key, scan.populated(self.m.memory))
         step = verify.PAGES_PER_RECORD
         for first in range(0, len(digests), step):
-            self._check()
-            self._send(RecordType.VERIFY, *verify.encode(key, first, digests[first : first + step]))
+            self.check()
+            self.send(RecordType.VERIFY, *verify.encode(key, first, digests[first : first + step]))
 
     def _finish_report(self) -> None:
         s = self.stats
         s.bandwidth = s.bytes_sent / (s.total_ms / 1000) if s.total_ms else 0.0
         first_dest: float | None = None
-        if hello_mod.FEATURE_REPORT in self.features:
+        if self.session is not None and hello_mod.FEATURE_REPORT in self.session.features:
             try:
-                rep = records.unpack(self.ret.expect(RecordType.REPORT, timeout=5).payload,
-                                     "REPORT")
-                first_dest = rep.get("first_heartbeat")
+                assert self.ret is not None
+                rec = self.ret.expect(RecordType.REPORT, time.monotonic() + 5)
+                first_dest = records.unpack(rec.payload, "REPORT").get("first_heartbeat")
             except MigrationError:
                 first_dest = None
         s.guest_gap_ms = guest_gap_ms(self.m.probe, self._wall0, first_dest)
 
 
-def migrate(
-    machine: Machine,
-    sock: socket.socket,
-    opts: MigrationOptions,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> MigrationStats:
-    """Migrate `machine` to the destination at the other end of `sock`.
+def migrate(machine: Machine, target: socket.socket | Channel, opts: MigrationOptions,
+            progress: Callable[[Progress], None] | None = None,
+            cancel: threading.Event | None = None, security: Security | None = None,
+            redial: session.Redial | None = None) -> MigrationStats:
+    """Migrate `machine` to the destination at the other end of `target`.
 
     On success the source machine is left paused (it must never run again: stop it). On
     failure before COMMIT the machine is running again, and the MigrationError raised carries
     the stats as `.stats`; CommitUnconfirmed means both sides are paused.
     """
-    return Source(machine, sock, opts, progress, cancel).run()
+    main = target if isinstance(target, Channel) else SocketChannel(target)
+    return Source(machine, main, opts, progress, cancel, security, redial).run()

@@ -1,14 +1,21 @@
-"""One stats structure for every strategy, and the progress snapshots sent while migrating."""
+"""One stats structure for every strategy (docs/stats.md), and progress snapshots.
+
+`MigrationStats.to_json()` is the one JSON schema that `livemig migrate --json`, `livemig
+bench --json` and the control socket's `query-migrate` all carry.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+SCHEMA_VERSION = 2
 
 
 @dataclass
 class RoundStats:
-    """One round: pages and bytes per encoding, how long, what stayed dirty."""
+    """One round: pages and bytes per codec, how long, what stayed dirty."""
 
     number: int
     pages: dict[str, int] = field(default_factory=dict)
@@ -17,9 +24,9 @@ class RoundStats:
     dirty_pages: int = 0  # pages dirtied while this round was sent
     throttle: float = 0.0
 
-    def add(self, encoding: str, pages: int) -> None:
+    def add(self, codec: str, pages: int) -> None:
         if pages:
-            self.pages[encoding] = self.pages.get(encoding, 0) + pages
+            self.pages[codec] = self.pages.get(codec, 0) + pages
 
     @property
     def bandwidth(self) -> float:
@@ -28,27 +35,57 @@ class RoundStats:
 
 
 @dataclass
+class FaultStats:
+    """Pages the destination had to ask for while running (post-copy), and how long each
+    request took; zero for strategies that move every page before the switch."""
+
+    count: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        lat = sorted(self.latency_ms)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
+        return {"count": self.count, "latency_ms": {"p50": pct(0.5), "p99": pct(0.99),
+                                                    "max": pct(1.0)}}
+
+
+@dataclass
 class MigrationStats:
-    """What a migration did and how long it took; `to_json` is the CLI's --json object."""
+    """What a migration did and how long it took, by phase and by event."""
 
     status: str = "setup"  # setup, active, completed, failed, cancelled, commit-unconfirmed
     mode: str = "precopy"
+    security: str = "none"  # psk, tls, psk+tls, none
+    stop_reason: str | None = None  # why live copy ended: converged, max-rounds, ...
     total_ms: float = 0.0
     setup_ms: float = 0.0
     downtime_ms: float = 0.0
     rounds: list[RoundStats] = field(default_factory=list)
     bytes_sent: int = 0
+    codec_bytes: dict[str, int] = field(default_factory=dict)
+    channels: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirty_rate: float = 0.0  # pages/s dirtied, last live round
     bandwidth: float = 0.0  # bytes/s, whole migration
     throttle: float = 0.0  # highest throttle used
     guest_gap_ms: float | None = None
     verified_memory: bool | None = None  # None when not asked for
     error: str | None = None
-    # Milliseconds spent in each step of the switch-over (pause, last-round, verify, state, ...).
+    # Milliseconds in each phase (setup, live-copy, switchover, after-commit) and in each
+    # step of the switch-over (pause, last-round, verify, save-state, until-ready, ...).
+    phases_ms: dict[str, float] = field(default_factory=dict)
     switchover_ms: dict[str, float] = field(default_factory=dict)
+    faults: FaultStats = field(default_factory=FaultStats)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    _t0: float = field(default_factory=time.monotonic, repr=False)
+
+    def event(self, what: str) -> None:
+        """Note that `what` happened now (ms since the stats were made)."""
+        self.events.append((round((time.monotonic() - self._t0) * 1000, 3), what))
 
     def pages(self) -> dict[str, int]:
-        """Pages per encoding over all rounds."""
+        """Pages per codec over all rounds."""
         out: dict[str, int] = {}
         for r in self.rounds:
             for k, v in r.pages.items():
@@ -56,23 +93,35 @@ class MigrationStats:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """The summary object of `livemig migrate --json`, plus per-round detail."""
+        """The documented object (docs/stats.md)."""
+        pages = self.pages()
         return {
+            "schema": SCHEMA_VERSION,
             "status": self.status,
             "mode": self.mode,
+            "security": self.security,
+            "stop_reason": self.stop_reason,
             "total_ms": round(self.total_ms, 3),
             "downtime_ms": round(self.downtime_ms, 3),
             "setup_ms": round(self.setup_ms, 3),
             "rounds": len(self.rounds),
             "bytes_sent": self.bytes_sent,
-            "pages": self.pages(),
+            "pages": pages,
+            "codecs": {k: {"pages": v, "bytes": self.codec_bytes.get(k, 0)}
+                       for k, v in pages.items()},
+            "channels": self.channels,
+            "machines": {"machine": {"pages": sum(pages.values()),
+                                     "bytes_sent": self.bytes_sent}},
             "guest_gap_ms": None if self.guest_gap_ms is None else round(self.guest_gap_ms, 3),
             "verified_memory": self.verified_memory,
             "dirty_rate": round(self.dirty_rate, 1),
             "bandwidth": round(self.bandwidth, 1),
             "throttle": self.throttle,
             "error": self.error,
+            "phases_ms": {k: round(v, 3) for k, v in self.phases_ms.items()},
             "switchover_ms": {k: round(v, 3) for k, v in self.switchover_ms.items()},
+            "faults": self.faults.to_json(),
+            "events": [{"t_ms": t, "event": e} for t, e in self.events],
             "round_detail": [asdict(r) for r in self.rounds],
         }
 
@@ -86,6 +135,5 @@ class Progress:
     sent_bytes: int
     round_pages_done: int
     round_pages_total: int
-    remaining_pages: int  # dirty pages known to be waiting beyond this round
     bandwidth: float  # bytes/s, recent
     throttle: float

@@ -1,61 +1,110 @@
-"""TCP setup for migration connections and the bandwidth cap."""
+"""Where migrations go: addresses, dialing (TCP, unix, TLS on either), listening sockets."""
 
 from __future__ import annotations
 
+import os
 import socket
-import time
+import stat
+from dataclasses import dataclass
 
-SOCKET_BUFFER = 8 << 20
+from livemig.migration.channels import Channel, Role, SocketChannel, TlsChannel
+from livemig.migration.errors import ConnectionLost, MigrationError
+from livemig.migration.security import Security
+
+CONNECT_TIMEOUT = 10.0
 
 
-def tune(sock: socket.socket) -> None:
-    """Large buffers for page streams, TCP_NODELAY so handshake records go out at once."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class AddressError(MigrationError):
+    """An address that cannot be used (malformed, out of range, unresolvable)."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """`HOST:PORT`, `[V6]:PORT` or `unix:PATH`."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, allow_any_port: bool = False) -> Address:
+    """Parse a destination address; AddressError names what is wrong (ports 1..65535)."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise AddressError("unix: address needs a socket path")
+        return Address(path=text[5:])
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise AddressError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+    lo = 0 if allow_any_port else 1
+    if not lo <= int(port) <= 65535:
+        raise AddressError(f"port {port} in {text!r} is out of range ({lo}..65535)")
+    return Address(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` into (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """`HOST:PORT` into (host, port), checked as `parse_address` does."""
+    a = parse_address(text)
+    if a.is_unix:
+        raise AddressError(f"expected HOST:PORT, got {text!r}")
+    return a.host, a.port
 
 
-def connect(target: str, timeout: float = 10.0) -> socket.socket:
-    """Open a tuned TCP connection to `HOST:PORT`."""
-    sock = socket.create_connection(parse_hostport(target), timeout=timeout)
-    sock.settimeout(None)
-    tune(sock)
-    return sock
+def _connect(addr: Address, timeout: float) -> socket.socket:
+    try:
+        if addr.is_unix:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(addr.path)
+            return s
+        return socket.create_connection((addr.host, addr.port), timeout=timeout)
+    except socket.gaierror as e:
+        raise AddressError(f"cannot resolve {addr.host}: {e.strerror}") from e
+    except OSError as e:
+        raise ConnectionLost(f"cannot connect to {addr}: {e.strerror or e}") from e
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
-    srv = socket.create_server((host, port), reuse_port=False)
-    return srv
+def dial(addr: Address, sec: Security, role: Role = Role.MAIN,
+         timeout: float = CONNECT_TIMEOUT) -> Channel:
+    """Open one connection of a session: a plain channel, or TLS when `sec` has a context."""
+    sock = _connect(addr, timeout)
+    if sec.tls_client is None:
+        return SocketChannel(sock, role)
+    try:
+        return TlsChannel.wrap_client(sock, sec.tls_client, role, timeout)
+    except MigrationError:
+        sock.close()
+        raise
 
 
-class RateLimiter:
-    """Sleeps as needed so that bytes reported through `spent` stay under `rate` bytes/s."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
-        self._start = time.monotonic()
-        self._bytes = 0
-
-    def spent(self, nbytes: int) -> None:
-        if not self.rate:
-            return
-        self._bytes += nbytes
-        ahead = self._bytes / self.rate - (time.monotonic() - self._start)
-        if ahead > 0:
-            time.sleep(ahead)
-        elif ahead < -0.5:  # idle for a while: do not let a burst make up for it
-            self._start = time.monotonic()
-            self._bytes = 0
+def bind(addr: Address) -> socket.socket:
+    """A listening socket at `addr` (port 0 picks a free one; a stale unix socket file is
+    replaced, anything else at that path is refused)."""
+    try:
+        if not addr.is_unix:
+            return socket.create_server((addr.host, addr.port), reuse_port=False, backlog=64)
+        if os.path.lexists(addr.path):
+            if not stat.S_ISSOCK(os.lstat(addr.path).st_mode):
+                raise AddressError(f"{addr.path} exists and is not a socket")
+            os.unlink(addr.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(addr.path)
+        finally:
+            os.umask(old)
+        s.listen(64)
+        return s
+    except socket.gaierror as e:
+        raise AddressError(f"cannot resolve {addr.host}: {e.strerror}") from e
+    except OSError as e:
+        raise AddressError(f"cannot listen on {addr}: {e.strerror or e}") from e

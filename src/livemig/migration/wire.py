@@ -17,14 +17,17 @@ docs/protocol.md for the record types and the order they may come in.
 from __future__ import annotations
 
 import enum
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from zlib_ng import zlib_ng as zlib  # same CRC-32 as zlib, SIMD-accelerated
 
-from livemig.migration.errors import ConnectionLost, ProtocolError
+from livemig.migration.errors import ConnectionLost, ProtocolError, Timeout
 
 MAGIC = b"LM"
 HEADER = struct.Struct("<2sBBIII")
@@ -50,6 +53,8 @@ class RecordType(enum.IntEnum):
     REPORT = 13  # destination -> source: destination-side figures (msgpack)
     ABORT = 14  # source -> destination: give up, discard the machine (utf-8 reason)
     ERROR = 15  # destination -> source: refused or failed (utf-8 reason)
+    AUTH = 16  # either way, in the hello: HMAC proof of the pre-shared key
+    OUTCOME = 17  # destination -> source, on a resolve connection: was COMMIT received
 
 
 @dataclass
@@ -110,8 +115,9 @@ def send_record(sock: socket.socket, rtype: RecordType, *parts: bytes | memoryvi
     return send_buffers(sock, frame(rtype, *parts))
 
 
-def parse_header(head: bytes | memoryview) -> tuple[RecordType, int, int]:
-    """Check a header and return (type, length, payload_crc); ProtocolError if bad."""
+def parse_header(head: bytes | memoryview, limit: int = MAX_PAYLOAD) -> tuple[RecordType, int, int]:
+    """Check a header and return (type, length, payload_crc); ProtocolError if bad or if the
+    payload is longer than `limit` (the reader's own limit, at most MAX_PAYLOAD)."""
     magic, rtype, flags, length, pcrc, hcrc = HEADER.unpack(head)
     if magic != MAGIC:
         raise ProtocolError(f"bad record magic {bytes(magic)!r}: not a livemig migration stream")
@@ -121,28 +127,56 @@ def parse_header(head: bytes | memoryview) -> tuple[RecordType, int, int]:
         raise ProtocolError(f"unknown record type {rtype}")
     if flags != 0:
         raise ProtocolError(f"record {RecordType(rtype).name} has unknown flags {flags:#x}")
-    if length > MAX_PAYLOAD:
-        raise ProtocolError(f"oversized record: {length} bytes, the limit is {MAX_PAYLOAD}")
+    if length > limit:
+        raise ProtocolError(
+            f"oversized record ({RecordType(rtype).name}, too large): {length} bytes, the "
+            f"limit here is {limit}"
+        )
     return RecordType(rtype), length, pcrc
 
 
-class RecordReader:
-    """Reads whole records from a socket into one reusable buffer."""
+class Readable(Protocol):
+    """What a RecordReader reads from: a socket, an SSL socket, a file adapter."""
 
-    def __init__(self, sock: socket.socket, max_payload: int = MAX_PAYLOAD) -> None:
+    def recv_into(self, buffer: memoryview) -> int: ...
+
+    def fileno(self) -> int: ...
+
+
+class RecordReader:
+    """Reads whole records from a socket (or anything with `recv_into` and `fileno`).
+
+    The buffer grows with the records actually seen, up to `limit` (raised once a peer is
+    authenticated), so a connection that never authenticates costs little memory. `deadline`
+    (time.monotonic) bounds each `read` as a whole: a peer sending one byte a second cannot
+    hold the reader longer than that.
+    """
+
+    def __init__(self, sock: Readable, max_payload: int = MAX_PAYLOAD) -> None:
         self.sock = sock
-        self.max_payload = max_payload
-        self._buf = bytearray(HEADER_SIZE + max_payload)
-        self._view = memoryview(self._buf)
+        self.limit = max_payload
+        self._buf = bytearray(HEADER_SIZE + min(max_payload, 1 << 16))
         self.bytes_read = 0
 
-    def _fill(self, view: memoryview, what: str) -> None:
+    def _wait(self, deadline: float | None, what: str) -> None:
+        if deadline is None:
+            return
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return  # TLS: decrypted bytes already buffered
+        remaining = deadline - time.monotonic()
+        fileno = self.sock.fileno()
+        if remaining <= 0 or not select.select([fileno], [], [], remaining)[0]:
+            raise Timeout(f"peer sent nothing in time while {what} was due")
+
+    def _fill(self, view: memoryview, what: str, deadline: float | None) -> None:
         got = 0
         while got < view.nbytes:
+            self._wait(deadline, what)
             try:
                 n = self.sock.recv_into(view[got:])
-            except TimeoutError:
-                raise
+            except TimeoutError as e:
+                raise Timeout(f"peer sent nothing in time while {what} was due") from e
             except OSError as e:
                 raise ConnectionLost(f"connection lost while reading {what}: {e}") from e
             if n == 0:
@@ -152,14 +186,18 @@ class RecordReader:
             got += n
         self.bytes_read += got
 
-    def read(self) -> Record:
+    def read(self, deadline: float | None = None) -> Record:
         """Block until one whole, checked record has arrived; the payload is valid until the
-        next call. Raises ProtocolError on bad input and ConnectionLost on EOF."""
-        head = self._view[:HEADER_SIZE]
-        self._fill(head, "record header")
-        rtype, length, pcrc = parse_header(head)
-        payload = self._view[HEADER_SIZE : HEADER_SIZE + length]
-        self._fill(payload, f"{rtype.name} record")
+        next call. Raises ProtocolError on bad input, ConnectionLost on EOF, Timeout after
+        `deadline`."""
+        head = memoryview(self._buf)[:HEADER_SIZE]
+        self._fill(head, "record header", deadline)
+        rtype, length, pcrc = parse_header(head, self.limit)
+        del head
+        if len(self._buf) < HEADER_SIZE + length:
+            self._buf = bytearray(self._buf[:HEADER_SIZE]) + bytearray(length)
+        payload = memoryview(self._buf)[HEADER_SIZE : HEADER_SIZE + length]
+        self._fill(payload, f"{rtype.name} record", deadline)
         if zlib.crc32(payload) != pcrc:
             raise ProtocolError(f"corrupt {rtype.name} record ({length} bytes): CRC mismatch")
         return Record(rtype, payload)

@@ -1,0 +1,26 @@
+"""memfd helpers shared by the machines: giving RAM back to the host."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch_hole(fd: int, size: int) -> None:
+    """Free every page of a memfd, keeping its size (best effort: it only returns memory)."""
+    _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, size)
+
+
+def release(mapping: mmap.mmap, fd: int | None, size: int) -> None:
+    """Unmap RAM; when a view of it is still alive somewhere the mapping has to stay, but
+    punching the whole file frees its pages all the same (the mapping then reads zeroes)."""
+    try:
+        mapping.close()
+    except BufferError:
+        if fd is not None:
+            punch_hole(fd, size)

@@ -1,0 +1,88 @@
+"""The channel contract: a framed record stream with a role, safe for several writers."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from livemig.migration.wire import (
+    MAX_PAYLOAD,
+    Readable,
+    Record,
+    RecordReader,
+    RecordType,
+    frame,
+)
+
+
+class Role(enum.Enum):
+    """What a connection of a session carries (named in its hello)."""
+
+    MAIN = "main"  # source -> destination: the migration itself
+    RETURN = "return"  # destination -> source, when MAIN cannot be read and written at once
+    RESOLVE = "resolve"  # a later connection asking whether COMMIT arrived
+
+
+class Channel(ABC):
+    """One direction-agnostic record stream.
+
+    `send` frames a record and writes it whole under the channel's writer lock, so several
+    threads may send. `read` returns the next checked record. `duplex` says whether one thread
+    may read while another writes (false for TLS: Python's ssl objects are not safe for it).
+    """
+
+    kind = "abstract"
+    duplex = True
+
+    def __init__(self, role: Role, reader_source: Readable | None,
+                 limit: int = MAX_PAYLOAD) -> None:
+        self.role = role
+        self._wlock = threading.Lock()
+        self.reader = RecordReader(reader_source, limit) if reader_source is not None else None
+        self.bytes_sent = 0
+        self.records_sent = 0
+
+    @property
+    def bytes_received(self) -> int:
+        return self.reader.bytes_read if self.reader is not None else 0
+
+    def set_limit(self, limit: int) -> None:
+        """Largest payload accepted from now on (small until the peer is authenticated)."""
+        if self.reader is not None:
+            self.reader.limit = min(limit, MAX_PAYLOAD)
+
+    def send(self, rtype: RecordType, *parts: bytes | memoryview,
+             deadline: float | None = None) -> int:
+        """Frame and send one record; returns its size on the wire. `deadline`
+        (time.monotonic) bounds how long a stalled peer may block it (raises Timeout)."""
+        bufs = frame(rtype, *parts)
+        with self._wlock:
+            n = self._write(bufs, deadline)
+            self.bytes_sent += n
+            self.records_sent += 1
+        return n
+
+    def read(self, deadline: float | None = None) -> Record:
+        """The next record (payload valid until the next read)."""
+        if self.reader is None:
+            raise TypeError(f"{self.kind} channel {self.role.value} is write-only")
+        return self.reader.read(deadline)
+
+    def stats(self) -> dict[str, object]:
+        """Per-channel figures for MigrationStats."""
+        return {"kind": self.kind, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "records_sent": self.records_sent}
+
+    @abstractmethod
+    def _write(self, bufs: Sequence[bytes | memoryview], deadline: float | None) -> int:
+        """Write every byte of `bufs` (called under the writer lock)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the channel; safe to call twice."""
+
+    def drain(self, timeout: float = 2.0) -> None:  # noqa: B027 - optional for a kind
+        """After a last record: let it reach the peer before the connection closes (closing
+        with unread input would send a reset, which can destroy the record in flight)."""

@@ -1,0 +1,202 @@
+"""The destination's listener: serves connections concurrently, authenticates each before it
+costs anything, runs at most one incoming migration at a time, and answers resolve questions.
+
+Every connection gets its own thread and a hello deadline (`hello_timeout`, for the whole
+hello however slowly the bytes come); at most `max_pending` connections may be in their
+hello at once (more are closed at once), and until a peer is authenticated its records are
+limited to HELLO_LIMIT bytes. Results of incoming migrations arrive on `results`.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from livemig.contract import Machine, MachineConfig
+from livemig.migration import handshake, hello, resolve
+from livemig.migration.channels import Channel, Role, SocketChannel, TlsChannel
+from livemig.migration.codecs import SUPPORTED, CodecSet
+from livemig.migration.destination import Destination, refuse
+from livemig.migration.errors import MigrationError, ProtocolError
+from livemig.migration.security import Security
+from livemig.migration.session import Session
+from livemig.migration.stats import MigrationStats
+from livemig.migration.wire import MAX_PAYLOAD
+
+HELLO_TIMEOUT = 10.0
+HELLO_LIMIT = 64 << 10
+MAX_PENDING = 16
+JOIN_TIMEOUT = 10.0
+
+
+@dataclass
+class _Active:
+    """An incoming migration in progress: its main channel and where its RETURN joins."""
+
+    main: Channel
+    joins: queue.Queue[Channel]
+
+
+@dataclass
+class Incoming:
+    """One incoming migration's end: a running machine, or the error that ended it."""
+
+    peer: str
+    machine: Machine | None
+    stats: MigrationStats
+    error: MigrationError | None = None
+
+
+class Listener:
+    """Accepts migrations on a listening socket until closed."""
+
+    def __init__(self, srv: socket.socket, security: Security,
+                 build: Callable[[MachineConfig], Machine],
+                 log: Callable[[str], None] = lambda s: None,
+                 hello_timeout: float = HELLO_TIMEOUT, max_pending: int = MAX_PENDING) -> None:
+        self.srv = srv
+        self.security = security
+        self.build = build
+        self.log = log
+        self.hello_timeout = hello_timeout
+        self.results: queue.Queue[Incoming] = queue.Queue()
+        self.outcomes = resolve.Outcomes()
+        self.accepting_machines = True
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._busy = threading.Lock()
+        self._active: dict[bytes, _Active] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.srv.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, addr = self.srv.accept()
+            except OSError:
+                return
+            peer = _peer_name(addr)
+            if not self._pending.acquire(blocking=False):
+                self.log(f"refused a connection from {peer}: too many connections in their hello")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer), name="listen-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        chan: Channel | None = None
+        authenticated = False
+        try:
+            deadline = time.monotonic() + self.hello_timeout
+            chan = self._wrap(conn, deadline)
+            mine = hello.Hello(encodings=list(SUPPORTED))
+            try:
+                offer, chosen = handshake.server(chan, mine, self.security, deadline)
+            except MigrationError as e:
+                refuse(chan, e)
+                raise
+            authenticated = True
+            self._pending.release()
+            chan.set_limit(MAX_PAYLOAD)
+            self._dispatch(chan, offer, chosen, peer)
+        except MigrationError as e:
+            if not authenticated:
+                self.log(f"refused a connection from {peer}: {e}")
+        finally:
+            if not authenticated:
+                self._pending.release()
+                (chan.close() if chan is not None else conn.close())
+
+    def _wrap(self, conn: socket.socket, deadline: float) -> Channel:
+        if self.security.tls_server is None:
+            return SocketChannel(conn, Role.MAIN, HELLO_LIMIT)
+        return TlsChannel.wrap_server(conn, self.security.tls_server,
+                                      max(0.1, deadline - time.monotonic()), HELLO_LIMIT)
+
+    def _dispatch(self, chan: Channel, offer: hello.Hello, chosen: hello.Hello,
+                  peer: str) -> None:
+        assert chosen.session is not None
+        if offer.role == Role.MAIN.value:
+            self._receive(chan, chosen, peer)
+        elif offer.role == Role.RETURN.value:
+            with self._lock:
+                active = self._active.get(chosen.session)
+            if active is None:
+                chan.close()
+                raise ProtocolError("a return connection for no migration in progress")
+            active.joins.put(chan)
+        elif offer.role == Role.RESOLVE.value:
+            self._resolve(chan, chosen.session, peer)
+        else:
+            refuse(chan, ProtocolError(f"unknown connection role {offer.role!r}"))
+            chan.close()
+
+    def _resolve(self, chan: Channel, session: bytes, peer: str) -> None:
+        """Answer whether COMMIT arrived; a migration still waiting for it is given up first
+        (its connection is closed, which makes its Destination discard the copy)."""
+        with self._lock:
+            active = self._active.get(session)
+        try:
+            answer = resolve.answer(chan, self.outcomes, session, active is not None)
+        finally:
+            chan.close()
+        if active is not None and answer is False:
+            active.main.close()
+        said = {True: "received", False: "never received", None: "unknown migration"}[answer]
+        self.log(f"resolve from {peer}: COMMIT {said}")
+
+    def _receive(self, chan: Channel, chosen: hello.Hello, peer: str) -> None:
+        assert chosen.session is not None
+        if not self.accepting_machines or not self._busy.acquire(blocking=False):
+            refuse(chan, MigrationError("this destination is busy with another machine"))
+            chan.close()
+            return
+        active = _Active(chan, queue.Queue())
+        with self._lock:
+            self._active[chosen.session] = active
+        back: Channel | None = None
+        try:
+            back = chan if chan.duplex else active.joins.get(timeout=JOIN_TIMEOUT)
+            sess = Session(chosen.session, chosen.min_version, chosen.features,
+                           CodecSet(chosen.encodings), chan, back, self.security.describe())
+            dest = Destination(sess, self.build, self.outcomes)
+            try:
+                machine, stats = dest.run()
+            except MigrationError as e:
+                self.results.put(Incoming(peer, None, e.stats or dest.stats, e))
+                return
+            self.accepting_machines = False
+            self.results.put(Incoming(peer, machine, stats))
+        except queue.Empty:
+            self.results.put(Incoming(peer, None, MigrationStats(status="failed"),
+                                      MigrationError("the source never opened its return "
+                                                     "connection")))
+        finally:
+            with self._lock:
+                del self._active[chosen.session]
+            chan.close()
+            if back is not None:
+                back.close()
+            self._busy.release()
+
+
+def _peer_name(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return "a local peer"
+

@@ -1,0 +1,102 @@
+"""A session: one migration's negotiated version, features and codecs, its channels, stats.
+
+The source opens a session by dialing the main connection and running the hello on it; a
+channel that cannot be read and written at once (TLS) gets a second connection, role
+RETURN, for the destination's answers. A file session is one-way: there is no peer to answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from livemig.migration import handshake
+from livemig.migration import hello as hello_mod
+from livemig.migration.channels import Channel, Role
+from livemig.migration.codecs import SUPPORTED, CodecSet
+from livemig.migration.errors import ProtocolError
+from livemig.migration.security import Security
+from livemig.migration.stats import MigrationStats
+from livemig.migration.wire import RecordType
+
+Redial = Callable[[Role], Channel]
+
+
+@dataclass
+class Session:
+    """One migration as both sides see it once the hello is done."""
+
+    id: bytes
+    version: int
+    features: list[str]
+    codecs: CodecSet
+    main: Channel
+    back: Channel | None  # where the destination answers; None for a one-way (file) session
+    security: str = "none"
+    stats: MigrationStats = field(default_factory=MigrationStats)
+
+    def channels(self) -> list[Channel]:
+        return [c for i, c in enumerate((self.main, self.back))
+                if c is not None and c not in (self.main, self.back)[:i]]
+
+    def record_channels(self) -> None:
+        """Copy each channel's figures into the stats."""
+        self.stats.channels = {c.role.value: c.stats() for c in self.channels()}
+
+    def close(self) -> None:
+        for c in self.channels():
+            c.close()
+
+
+def offer(verify_memory: bool) -> hello_mod.Hello:
+    """What a source proposes: every codec it has, the features it wants."""
+    o = hello_mod.Hello(encodings=list(SUPPORTED))
+    if not verify_memory:
+        o.features.remove(hello_mod.FEATURE_VERIFY)
+    return o
+
+
+def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
+                redial: Redial | None, deadline: float | None) -> Session:
+    """Run the hello on `main` (and on a RETURN connection when `main` is not duplex)."""
+    welcome = handshake.client(main, proposal, sec, deadline)
+    codecs = CodecSet(welcome.encodings)
+    if codecs.missing():
+        raise ProtocolError(f"destination does not accept {', '.join(codecs.missing())} pages")
+    sid = welcome.session or b""
+    back = main
+    if not main.duplex:
+        if redial is None:
+            raise ProtocolError(f"a {main.kind} session needs a return connection")
+        back = redial(Role.RETURN)
+        join = hello_mod.Hello(proposal.min_version, proposal.max_version,
+                               list(welcome.features), list(welcome.encodings),
+                               role=Role.RETURN.value, session=sid)
+        handshake.client(back, join, sec, deadline)
+    return Session(sid, welcome.min_version, welcome.features, codecs, main, back,
+                   sec.describe())
+
+
+def open_file_writer(main: Channel, proposal: hello_mod.Hello) -> Session:
+    """A one-way session into a snapshot file: the HELLO says what the file holds."""
+    proposal.min_version = proposal.max_version
+    proposal.features = []
+    main.send(RecordType.HELLO, proposal.encode())
+    return Session(b"", proposal.max_version, [], CodecSet(proposal.encodings), main, None)
+
+
+def open_file_reader(main: Channel) -> Session:
+    """A one-way session read from a snapshot file: its HELLO must be one we understand."""
+    rec = main.read()
+    if rec.type is not RecordType.HELLO:
+        raise ProtocolError("not a livemig snapshot (it does not start with a HELLO record)")
+    h = hello_mod.Hello.decode(rec.payload)
+    hello_mod.choose(h, hello_mod.Hello(encodings=list(SUPPORTED)))
+    codecs = CodecSet(h.encodings)
+    unknown = set(h.encodings) - set(codecs.names)
+    if unknown:
+        raise ProtocolError(f"snapshot uses page codecs this livemig lacks: {sorted(unknown)}")
+    return Session(b"", h.max_version, [], codecs, main, None)
+
+
+

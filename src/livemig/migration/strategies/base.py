@@ -1,0 +1,36 @@
+"""The strategy contract: the phases one driver (source.Source) runs for a migration.
+
+    live_copy     while the guest runs (nothing for stop-and-copy; rounds for pre-copy)
+    final_pages   with the guest paused: which pages the last round sends
+    after_commit  once the destination runs the guest (post-copy will push pages here)
+
+The driver owns everything common: the hello, CONFIG, pausing, VERIFY, STATE, the READY /
+COMMIT / RUNNING handshake and failure handling. A strategy only decides what to copy when.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from livemig.migration.source import Source
+
+
+class Strategy(ABC):
+    """One way of moving a machine; `name` is its `--mode`."""
+
+    name: str
+
+    def live_copy(self, src: Source) -> None:  # noqa: B027 - stop-and-copy has none
+        """Copy while the guest runs; may return early for the switch-over."""
+
+    @abstractmethod
+    def final_pages(self, src: Source) -> np.ndarray | None:
+        """Called with the guest paused: the pages of the last round (None: every page
+        that holds data)."""
+
+    def after_commit(self, src: Source) -> None:  # noqa: B027 - most strategies: none
+        """Called once the destination confirmed RUNNING."""
