@@ -53,7 +53,8 @@ def test_corrupted_snapshot_is_refused(machines, tmp_path: Path) -> None:
 
 def test_snapshot_of_other_version_is_refused(tmp_path: Path) -> None:
     snap = tmp_path / "future.lms"
-    snap.write_bytes(snapshot.HEADER.pack(snapshot.MAGIC, 99, 0, 0, 0, 0, 0, bytes(16)))
+    snap.write_bytes(snapshot.LEGACY_HEADER.pack(snapshot.LEGACY_MAGIC, 99, 0, 0, 0, 0, 0,
+                                                bytes(16)))
     assert_clean_error(run_cli("restore", str(snap)), "version 99")
 
 

@@ -1,46 +1,33 @@
-"""Snapshot files: RAM and state of a machine, written while it is paused (docs/snapshot.md).
+"""Snapshot files: a machine on disk is the engine's stop-and-copy stream (docs/snapshot.md).
 
-Layout, little-endian:
-
-    header   64 bytes  magic b"LIVEMIGS", u32 format version, u32 flags (0),
-                       u64 config length, u64 state length, u64 RAM size, u64 stored pages,
-                       16 bytes reserved (zero)
-    config   msgpack   MachineConfig.to_dict()
-    state    msgpack   MachineState.encode()
-    index    u64 * n   RAM page numbers stored, ascending (all other pages are zero)
-    pages    4096 * n  their contents
-    digest   32 bytes  BLAKE3 of everything above
-
-A reader checks the magic, the version and the digest before it changes anything.
+`write` runs the stop-and-copy strategy into a file channel: HELLO (what the file holds),
+CONFIG, PAGES ... ROUND_END, STATE, COMMIT, every record framed and CRC-checked as on the
+wire. `read` walks the whole file and checks every record, its order and the final COMMIT
+before anything is built; `restore` then replays it through the destination state machine.
+Files of the earlier format (magic `LIVEMIGS`, version 1) are refused with a clear message.
 """
 
 from __future__ import annotations
 
-import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import blake3
-import msgpack
-import numpy as np
+from livemig.contract import Machine, MachineConfig, MachineError, MachineState
+from livemig.migration import records
+from livemig.migration.channels import FileChannel
+from livemig.migration.destination import Destination
+from livemig.migration.errors import MigrationError
+from livemig.migration.options import MigrationOptions, Mode
+from livemig.migration.session import open_file_reader
+from livemig.migration.source import Source
+from livemig.migration.wire import RecordType
 
-from livemig.contract import (
-    PAGE_SIZE,
-    GuestMemory,
-    Machine,
-    MachineConfig,
-    MachineError,
-    MachineState,
-)
-from livemig.migration import scan
-
-MAGIC = b"LIVEMIGS"
-FORMAT_VERSION = 1
-HEADER = struct.Struct("<8sIIQQQQ16s")
-DIGEST_SIZE = 32
-CHUNK_PAGES = 4096  # pages written per write call
+LEGACY_MAGIC = b"LIVEMIGS"
+LEGACY_HEADER = struct.Struct("<8sIIQQQQ16s")
+ORDER = {RecordType.HELLO: 0, RecordType.CONFIG: 1, RecordType.PAGES: 2, RecordType.ROUND_END: 2,
+         RecordType.STATE: 3, RecordType.COMMIT: 4}
 
 
 class SnapshotError(MachineError):
@@ -49,107 +36,84 @@ class SnapshotError(MachineError):
 
 @dataclass
 class Snapshot:
-    """A snapshot read and verified, ready to be put into a new machine."""
+    """A snapshot read and checked from end to end, ready to be restored."""
 
     config: MachineConfig
     state: MachineState
     path: Path
-    ram_size: int
-    pages_offset: int
-    index: np.ndarray
-
-
-def nonzero_pages(memory: GuestMemory) -> np.ndarray:
-    """Indices of pages that hold anything but zeros; RAM never written is not even read."""
-    pages = np.frombuffer(memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
-    return scan.nonzero_pages(pages, scan.populated(memory)).astype(np.uint64)
 
 
 def write(machine: Machine, path: str) -> int:
-    """Write a paused machine to `path` (atomically, via a temporary file); returns bytes."""
-    state = machine.save_state().encode()
-    config = msgpack.packb(machine.config.to_dict())
-    ram = machine.memory.view()
-    index = nonzero_pages(machine.memory)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(config), len(state),
-                         machine.memory.size, len(index), bytes(16))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    digest = blake3.blake3()
-    with open(tmp, "wb") as f:
-        for part in (header, config, state, index.tobytes()):
-            f.write(part)
-            digest.update(part)
-        pages = np.frombuffer(ram, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        for start in range(0, len(index), CHUNK_PAGES):
-            chunk = pages[index[start:start + CHUNK_PAGES]].tobytes()
-            f.write(chunk)
-            digest.update(chunk)
-        f.write(digest.digest())
-        size = f.tell()
-    os.replace(tmp, path)
-    return size
+    """Write `machine` to a new file `path` (paused while writing: it stays paused, the
+    caller resumes it); returns the bytes written."""
+    with open(path, "wb") as f:
+        chan = FileChannel(f, writing=True)
+        try:
+            Source(machine, chan, MigrationOptions(mode=Mode.STOP_COPY), to_file=True).run()
+        except MigrationError as e:
+            raise SnapshotError(f"cannot write snapshot {path}: {e}") from e
+        return f.tell()
 
 
-def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise SnapshotError(f"snapshot is truncated in its {what}")
-    return data
-
-
-def _check_digest(path: Path, size: int) -> None:
-    h = blake3.blake3()
-    with open(path, "rb") as f:
-        remaining = size - DIGEST_SIZE
-        while remaining:
-            block = f.read(min(remaining, 16 << 20))
-            if not block:
-                raise SnapshotError("snapshot is truncated")
-            h.update(block)
-            remaining -= len(block)
-        if f.read(DIGEST_SIZE) != h.digest():
-            raise SnapshotError(f"snapshot {path} is damaged: its checksum does not match")
+def _open(path: str) -> FileChannel:
+    p = Path(path)
+    if p.is_dir():
+        raise SnapshotError(f"snapshot {path} is a directory")
+    if not p.is_file():
+        raise SnapshotError(f"snapshot {path} does not exist")
+    f = open(p, "rb")  # noqa: SIM115 - the channel closes it
+    head = f.read(LEGACY_HEADER.size)
+    if head[:8] == LEGACY_MAGIC and len(head) == LEGACY_HEADER.size:
+        f.close()
+        version = LEGACY_HEADER.unpack(head)[1]
+        raise SnapshotError(f"snapshot format version {version} is not supported: this livemig "
+                            "writes and reads snapshots as migration streams (save it again)")
+    f.seek(0)
+    return FileChannel(f, writing=False)
 
 
 def read(path: str) -> Snapshot:
-    """Open and verify a snapshot; raises SnapshotError with the reason when it is unusable."""
-    p = Path(path)
-    if not p.is_file():
-        raise SnapshotError(f"snapshot {path} does not exist")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        raw = f.read(HEADER.size)
-        if len(raw) < HEADER.size or raw[:8] != MAGIC:
-            raise SnapshotError(f"{path} is not a livemig snapshot")
-        _, version, _flags, clen, slen, ram_size, npages, _ = HEADER.unpack(raw)
-        if version != FORMAT_VERSION:
-            raise SnapshotError(f"snapshot format version {version} is not supported "
-                                f"(this livemig reads version {FORMAT_VERSION})")
-        expect = HEADER.size + clen + slen + npages * (8 + PAGE_SIZE) + DIGEST_SIZE
-        if expect != size:
-            raise SnapshotError(f"snapshot {path} is damaged: {size} bytes, header says {expect}")
-        _check_digest(p, size)
-        try:
-            config = MachineConfig.from_dict(msgpack.unpackb(_read_exact(f, clen, "config")))
-        except (ValueError, msgpack.UnpackException) as e:
-            raise SnapshotError(f"snapshot config is unreadable: {e}") from e
-        state = MachineState.decode(_read_exact(f, slen, "state"))
-        index = np.frombuffer(_read_exact(f, npages * 8, "page index"), dtype=np.uint64)
-    if config.mem_size != ram_size or (len(index) and int(index.max()) >= ram_size // PAGE_SIZE):
-        raise SnapshotError("snapshot page index does not fit its RAM size")
-    return Snapshot(config, state, p, ram_size, HEADER.size + clen + slen + npages * 8, index)
+    """Check every record of a snapshot; SnapshotError with the reason if it is unusable."""
+    chan = _open(path)
+    config: MachineConfig | None = None
+    state: MachineState | None = None
+    try:
+        open_file_reader(chan)
+        stage = 0
+        while True:
+            rec = chan.read()
+            rank = ORDER.get(rec.type)
+            if rank is None or rank < stage:
+                raise SnapshotError(f"snapshot {path} is damaged: {rec.type.name} out of place")
+            stage = rank
+            if rec.type is RecordType.CONFIG:
+                d = records.unpack(rec.payload, "CONFIG", ("machine",))
+                config = MachineConfig.from_dict(d["machine"])
+            elif rec.type is RecordType.STATE:
+                state = MachineState.decode(records.unpack(rec.payload, "STATE", ("state",))
+                                            ["state"])
+            elif rec.type is RecordType.COMMIT:
+                break
+    except MigrationError as e:
+        if "CRC mismatch" in str(e):
+            raise SnapshotError(f"snapshot {path} is damaged: its checksum does not match "
+                                f"({e})") from e
+        raise SnapshotError(f"snapshot {path} is unusable: {e}") from e
+    finally:
+        chan.close()
+    if config is None or state is None:
+        raise SnapshotError(f"snapshot {path} is damaged: it lacks its config or state")
+    return Snapshot(config, state, Path(path))
 
 
-def restore_into(snap: Snapshot, machine: Machine) -> None:
-    """Load the snapshot's state into a new machine, then its RAM (the machine is not started).
-
-    State goes first: a state the machine refuses leaves its RAM untouched.
-    """
-    machine.load_state(snap.state)
-    pages = np.frombuffer(machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
-    with open(snap.path, "rb") as f:
-        f.seek(snap.pages_offset)
-        for start in range(0, len(snap.index), CHUNK_PAGES):
-            idx = snap.index[start:start + CHUNK_PAGES]
-            data = _read_exact(f, len(idx) * PAGE_SIZE, "pages")
-            pages[idx] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+def restore(snap: Snapshot, build: Callable[[MachineConfig], Machine]) -> Machine:
+    """Replay a checked snapshot into a new machine, which is running when this returns."""
+    chan = _open(str(snap.path))
+    try:
+        sess = open_file_reader(chan)
+        machine, _stats = Destination(sess, build).run()
+    except MigrationError as e:
+        raise SnapshotError(f"cannot restore {snap.path}: {e}") from e
+    finally:
+        chan.close()
+    return machine

@@ -84,7 +84,7 @@ class Destination:
         self.outcomes = outcomes or Outcomes()
         self.idle_timeout = idle_timeout
         self.state = DestState.AWAIT_CONFIG
-        self.stats = MigrationStats(security=sess.security)
+        self.stats = MigrationStats(security=sess.security, session=sess.id.hex())
         self.machine: Machine | None = None
         self.ram: np.ndarray | None = None
         self.placer: pages_mod.RamPlacer | None = None

@@ -200,6 +200,7 @@ class Source:
                     and hello_mod.FEATURE_VERIFY not in self.session.features):
                 raise MigrationError("destination does not support --verify-memory")
         self.encoder = BatchEncoder(self.ram, self.session.codecs)
+        self.stats.session = self.session.id.hex()
         self.state = SourceState.NEGOTIATED
         self.stats.event("negotiated")
 
@@ -261,7 +262,8 @@ class Source:
         self.m.pause()
         self.paused = True
         self._paused_at = time.monotonic()
-        self.deadline = self._paused_at + self.opts.switchover_limit_s()
+        if not self.to_file:  # a file takes as long as the disk does
+            self.deadline = self._paused_at + self.opts.switchover_limit_s()
         self.stats.event("paused")
         self.step("pause")
         self.state = SourceState.SWITCHOVER

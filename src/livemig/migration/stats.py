@@ -58,6 +58,7 @@ class MigrationStats:
     status: str = "setup"  # setup, active, completed, failed, cancelled, commit-unconfirmed
     mode: str = "precopy"
     security: str = "none"  # psk, tls, psk+tls, none
+    session: str = ""  # the session id (hex), what `migrate-resolve` asks about
     stop_reason: str | None = None  # why live copy ended: converged, max-rounds, ...
     total_ms: float = 0.0
     setup_ms: float = 0.0
@@ -100,6 +101,7 @@ class MigrationStats:
             "status": self.status,
             "mode": self.mode,
             "security": self.security,
+            "session": self.session,
             "stop_reason": self.stop_reason,
             "total_ms": round(self.total_ms, 3),
             "downtime_ms": round(self.downtime_ms, 3),
