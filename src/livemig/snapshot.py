@@ -107,7 +107,7 @@ def read(path: str) -> Snapshot:
 
 
 def restore(snap: Snapshot, build: Callable[[MachineConfig], Machine]) -> Machine:
-    """Replay a checked snapshot into a new machine, which is running when this returns."""
+    """Replay a checked snapshot into a new machine, made by `build`; the caller starts it."""
     chan = _open(str(snap.path))
     try:
         sess = open_file_reader(chan)

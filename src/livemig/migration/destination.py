@@ -5,6 +5,7 @@
     RECEIVING --PAGES | ROUND_END (ROUND_ACK sent) | VERIFY--> RECEIVING
     RECEIVING --STATE (loaded, memory verified, READY sent)--> READY
     READY --COMMIT (outcome recorded, machine started, RUNNING, REPORT)--> RUNNING
+          (from a file: the stream ends there, and the caller starts the machine)
     any state --ABORT--> ABORTED: the machine is closed
     any state --bad input, idle past the timeout--> FAILED: ERROR sent, the machine is closed
     READY --connection lost, no COMMIT within the switch-over limit, or a resolve question
@@ -248,9 +249,11 @@ class Destination:
         if not self.outcomes.decide(self.sess.id, True):
             raise MigrationError("COMMIT came after the migration was given up here")
         self._release_views()
+        self.state = DestState.RUNNING
+        if self.sess.back is None:
+            return  # a file's COMMIT ends the stream: whoever restores starts the machine
         started = time.time()
         self.machine.start()
-        self.state = DestState.RUNNING
         self.stats.status = "completed"
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         try:

@@ -90,6 +90,12 @@ class SocketChannel(Channel):
             pass
 
     def close(self) -> None:
+        """Shut down first: a thread blocked reading holds the socket open past close(),
+        and the peer would see no end."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
