@@ -11,9 +11,9 @@ import click
 
 from livemig import snapshot
 from livemig.cli import bench_cmds, demo, migrate_cmds
-from livemig.cli.options import ARCH, SIZE
+from livemig.cli.options import ARCH, CONTROL_HELP, SIZE, SIZE_HELP
 from livemig.cli.process import host_machine, serve_machine
-from livemig.cli.runner import build_machine, open_console
+from livemig.cli.runner import build_machine, open_console, prepare_control_path
 from livemig.contract import Arch, ImageError, MachineConfig, MachineError
 from livemig.control import ControlError, request
 
@@ -29,17 +29,21 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("image")
-@click.option("--mem", type=SIZE, default="256M", show_default=True, help="guest RAM")
+@click.option("--mem", type=SIZE, default="256M", show_default=True,
+              help=f"guest RAM ({SIZE_HELP})")
 @click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--append", "cmdline", default="", help="guest command line, e.g. 'wss=100M'")
 @click.option("--arch", type=ARCH, default="x86_64", show_default=True)
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
-@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+@click.option("--control", default=None, help=CONTROL_HELP)
 def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
         control: str | None) -> None:
     """Run a machine in the foreground; Ctrl-C stops it."""
+    if os.path.isdir(image):
+        raise ImageError(f"guest image {image} is a directory")
     if not os.path.isfile(image):
         raise ImageError(f"guest image {image} does not exist")
+    control = prepare_control_path(control)
     config = MachineConfig(Arch(arch), mem, vcpus, os.path.abspath(image), cmdline)
     sink, close = open_console(console)
     host_machine(build_machine(config, sink), control, close, lambda m: None)
@@ -56,11 +60,20 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...]) -> None:
         key, eq, value = a.partition("=")
         if not eq:
             raise click.BadParameter(f"argument {a!r} is not key=value")
-        kw[key] = json.loads(value) if value[:1] in "[{0123456789tfn\"" else value
+        kw[key] = _ctl_value(value)
     reply = request(socket_path, command, **kw)
-    click.echo(json.dumps(reply, indent=2))
     if not reply.get("ok"):
+        click.echo(f"livemig: {command}: {_one_line(str(reply.get('error')))}", err=True)
         sys.exit(1)
+    click.echo(json.dumps(reply, indent=2))
+
+
+def _ctl_value(text: str) -> Any:
+    """A `ctl` argument value: JSON if it parses as JSON (1, true, [1,2], "x"), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @cli.command()
@@ -68,8 +81,8 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...]) -> None:
 @click.argument("file")
 @click.option("--stop", is_flag=True, help="stop the machine once saved")
 def save(socket_path: str, file: str, stop: bool) -> None:
-    """Write RAM and state of a running machine to FILE."""
-    reply = request(socket_path, "save", timeout=600, path=file, stop=stop)
+    """Write RAM and state of a running machine to FILE (a new file: never overwritten)."""
+    reply = request(socket_path, "save", timeout=600, path=os.path.abspath(file), stop=stop)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "save failed"))
     click.echo(f"saved {reply['bytes']} bytes to {reply['path']} "
@@ -79,10 +92,13 @@ def save(socket_path: str, file: str, stop: bool) -> None:
 @cli.command()
 @click.argument("file")
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
-@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+@click.option("--control", default=None, help=CONTROL_HELP)
 def restore(file: str, console: str, control: str | None) -> None:
     """Resume a machine from a snapshot FILE, where it stopped."""
+    if os.path.isdir(file):
+        raise snapshot.SnapshotError(f"snapshot {file} is a directory")
     snap = snapshot.read(file)
+    control = prepare_control_path(control)
     sink, close = open_console(console)
     host_machine(build_machine(snap.config, sink), control, close,
                  lambda m: snapshot.restore_into(snap, m))
@@ -92,20 +108,29 @@ for _module in (migrate_cmds, demo, bench_cmds):
     _module.add_commands(cli)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main() -> None:
-    """Entry point: user errors print one line and exit with status 2, without a traceback."""
+    """Entry point: bad input (usage, a file, a path, an address) prints one line and exits
+    with status 2; a host resource failing prints one line and exits with 1; no traceback."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="livemig", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.UsageError as e:
+        hint = f" (try '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"livemig: error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
-    except (MachineError, ControlError) as e:
-        click.echo(f"livemig: error: {e}", err=True)
+    except click.ClickException as e:
+        click.echo(f"livemig: error: {_one_line(e.format_message())}", err=True)
+        sys.exit(e.exit_code)
+    except (MachineError, ControlError, ValueError) as e:
+        click.echo(f"livemig: error: {_one_line(str(e))}", err=True)
         sys.exit(EXIT_USAGE)
     except OSError as e:  # a host resource failed (a file, a socket, a KVM ioctl): say which
-        click.echo(f"livemig: error: {e}", err=True)
+        click.echo(f"livemig: error: {_one_line(str(e))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

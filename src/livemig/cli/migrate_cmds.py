@@ -11,14 +11,15 @@ from typing import Any
 
 import click
 
-from livemig.cli.migration_control import register_migration_controls
+from livemig.cli.migration_control import outcome_line, register_migration_controls
+from livemig.cli.options import CONTROL_HELP, RATE, BadInput, check_target
 from livemig.cli.process import serve_machine
 from livemig.cli.runner import (
     MachineHost,
     build_machine,
-    default_control_path,
     open_console,
     preload_backends,
+    prepare_control_path,
 )
 from livemig.contract import MachineConfig
 from livemig.control import ControlError, request
@@ -27,7 +28,6 @@ from livemig.migration import (
     MigrationError,
     MigrationStats,
     Mode,
-    parse_rate,
     receive,
 )
 from livemig.migration.transport import listen
@@ -65,12 +65,17 @@ def _receive_one(srv: socket.socket, console: str) -> tuple[Any, Any, MigrationS
 @click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port (0: any)")
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
-@click.option("--control", default=None, help="control socket path [/tmp/livemig-PID.sock]")
+@click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
 def listen_cmd(host: str, port: int, console: str, control: str | None, once: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
+    control = prepare_control_path(control)
     preload_backends()
-    srv = listen(host, port)
+    try:
+        srv = listen(host, port)
+    except OSError as e:
+        why = str(e.strerror or e).split(" (while attempting")[0]  # create_server's addition
+        raise BadInput(f"cannot listen on {host}:{port}: {why}") from e
     h, p = srv.getsockname()[:2]
     click.echo(f"livemig: listening for a migration on {h}:{p}", err=True)
     got = None
@@ -80,7 +85,7 @@ def listen_cmd(host: str, port: int, console: str, control: str | None, once: bo
             sys.exit(1)
     srv.close()
     machine, close, stats = got
-    mhost = MachineHost(machine, control or default_control_path(), close)
+    mhost = MachineHost(machine, control, close)
     register_migration_controls(mhost)
     if stats.status == "completed":
         click.echo(f"livemig: migration received, machine running "
@@ -152,7 +157,8 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
               show_default=True)
 @click.option("--max-downtime", "max_downtime", type=float, default=300.0, show_default=True,
               help="target downtime in ms")
-@click.option("--max-bandwidth", "max_bandwidth", default=None, help="rate cap, e.g. 100M, 1G")
+@click.option("--max-bandwidth", "max_bandwidth", type=RATE, default=None,
+              help="rate cap in bytes/s, e.g. 100M, 1G (1G = 2^30 bytes/s)")
 @click.option("--max-rounds", "max_rounds", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--auto-converge", is_flag=True, help="throttle vCPUs when rounds stop shrinking")
 @click.option("--verify-memory", is_flag=True, help="compare keyed hashes of every page")
@@ -161,11 +167,7 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, as_json: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT."""
-    if max_bandwidth is not None:
-        try:
-            parse_rate(max_bandwidth)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--max-bandwidth") from e
+    check_target(target)
     reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
                     max_bandwidth=max_bandwidth, max_rounds=max_rounds,
                     auto_converge=auto_converge, verify_memory=verify_memory)
@@ -180,12 +182,12 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 "pages", "guest_gap_ms", "verified_memory", "throttle", "error", "bandwidth",
                 "dirty_rate", "switchover_ms", "round_detail")
         click.echo(json.dumps({k: stats.get(k) for k in keys} | {"error": q.get("error")}))
-    elif q.get("stats"):
+    elif q.get("status") == "completed" and q.get("stats"):
         _show_table(stats)
-    if q.get("error") and not as_json:
-        click.echo(f"livemig: migration {q.get('status')}: {q['error']}", err=True)
     if q.get("status") != "completed":
-        sys.exit(1)
+        if not as_json:
+            click.echo(f"livemig: {outcome_line(q)}", err=True)
+        sys.exit(2 if q.get("connected") is False else 1)  # unreachable --to: bad input
 
 
 def add_commands(cli: click.Group) -> None:

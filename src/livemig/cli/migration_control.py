@@ -35,7 +35,10 @@ class MigrationControl:
         self.progress: Progress | None = None
         self.stats: MigrationStats | None = None
         self.error: str | None = None
-        self.reported = threading.Event()  # the final status was read by a client
+        self.connected = False  # this attempt reached its destination
+        # Set when a client has read this attempt's final status; a new one for each attempt
+        # (a failed attempt's must not let a later successful one exit before it is read).
+        self.reported = threading.Event()
 
     def start(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.thread is not None and self.thread.is_alive():
@@ -45,19 +48,23 @@ class MigrationControl:
             raise ControlError("migrate needs 'to': HOST:PORT")
         opts = options_from_request(req)
         self.cancel = threading.Event()
+        self.reported = threading.Event()
+        self.connected = False
         self.status, self.progress, self.stats, self.error = "setup", None, None, None
-        self.thread = threading.Thread(target=self._run, args=(target, opts),
+        self.thread = threading.Thread(target=self._run, args=(target, opts, self.reported),
                                        name="migrate", daemon=True)
         self.thread.start()
         return {"status": self.status}
 
-    def _run(self, target: str, opts: MigrationOptions) -> None:
+    def _run(self, target: str, opts: MigrationOptions, reported: threading.Event) -> None:
         with self.host.lock:
             try:
                 sock = connect(target)
             except (OSError, ValueError) as e:
-                self.status, self.error = "failed", f"cannot connect to {target}: {e}"
+                why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+                self.status, self.error = "failed", f"cannot connect to {target}: {why}"
                 return
+            self.connected = True
             try:
                 self.stats = migrate(self.host.machine, sock, opts, self._on_progress,
                                      self.cancel)
@@ -72,7 +79,7 @@ class MigrationControl:
                 sock.close()
         if self.status == "completed":
             # Let `livemig migrate` read the final stats before the source host goes away.
-            self.reported.wait(FINAL_STATUS_WAIT)
+            reported.wait(FINAL_STATUS_WAIT)
             self.host.finish(f"migrated to {target}")
 
     def _on_progress(self, p: Progress) -> None:
@@ -87,6 +94,7 @@ class MigrationControl:
             "progress": asdict(self.progress) if self.progress else None,
             "stats": self.stats.to_json() if self.stats else None,
             "error": self.error,
+            "connected": self.connected,
         }
 
     def do_cancel(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -124,3 +132,22 @@ def register_migration_controls(host: MachineHost) -> None:
     host.control.register("migrate", mc.start)
     host.control.register("query-migrate", mc.query)
     host.control.register("migrate-cancel", mc.do_cancel)
+
+
+def outcome_line(q: dict[str, Any]) -> str:
+    """One line for a migration that did not complete (a `query-migrate` answer): what
+    happened, then what state each side is left in."""
+    status = q.get("status") or "unknown"
+    error = " ".join(str(q.get("error") or "no reason given").split())
+    if error.startswith("migration failed: "):
+        error = error[len("migration failed: "):]
+    if status == "failed" and q.get("connected") is False:
+        return f"{error}; nothing was sent, the source machine runs on"
+    if status in ("failed", "cancelled"):
+        left = "the source machine is running again"
+    elif status in ("commit-unconfirmed", "commit-unknown"):
+        left = ("both sides are paused: COMMIT was sent but not confirmed; see the error "
+                "and the destination's log before resuming either")
+    else:
+        left = "the state of the source machine is unknown; check it with `livemig ctl status`"
+    return f"migration {status}: {error}; {left}"

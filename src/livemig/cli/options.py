@@ -1,26 +1,29 @@
-"""Option types shared by the commands: sizes and architectures."""
+"""Option types and checks shared by the commands: sizes, rates, architectures, addresses."""
 
 from __future__ import annotations
 
-import re
+import socket
 from typing import Any
 
 import click
 
 from livemig.contract import Arch
+from livemig.units import SIZE_HELP, parse_rate, parse_size
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+__all__ = ["ARCH", "CONTROL_HELP", "RATE", "SIZE", "SIZE_HELP", "BadInput", "check_target",
+           "parse_rate", "parse_size"]
 
 
-def parse_size(text: str) -> int:
-    """'512M', '1G', '4096' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 512M, 1G)")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+class BadInput(click.ClickException):
+    """Something the user named (a file, a directory, an address, a port) cannot be used:
+    one line, exit status 2."""
+
+    exit_code = 2
 
 
 class SizeType(click.ParamType):
+    """A size such as 512M or 1G (binary: 1G = 2^30 bytes), converted to bytes."""
+
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -28,9 +31,44 @@ class SizeType(click.ParamType):
             return value
         try:
             return parse_size(str(value))
-        except click.BadParameter as e:
-            self.fail(str(e.message), param, ctx)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class RateType(click.ParamType):
+    """A rate such as 100M or 1G (per second, binary: 1G = 2^30 bytes/s); the text is kept as
+    written (checked here), so that it can be passed on to a machine process."""
+
+    name = "rate"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            parse_rate(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
 
 
 SIZE = SizeType()
+RATE = RateType()
 ARCH = click.Choice([a.value for a in Arch])
+CONTROL_HELP = ("control socket path [$XDG_RUNTIME_DIR/livemig/PID.sock, "
+                "else /tmp/livemig-UID/PID.sock]")
+
+
+def check_target(target: str, option: str = "--to") -> tuple[str, int]:
+    """`HOST:PORT` (or `[V6]:PORT`) of a destination, checked here so that a typo is bad input
+    (BadInput: one line, exit 2) rather than a failed migration: the port must be 1..65535
+    and the host must resolve."""
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise BadInput(f"{option} {target}: expected HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise BadInput(f"{option} {target}: port {port} is out of range (1-65535)")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise BadInput(f"{option} {target}: cannot resolve host {host}: {why}") from e
+    return host, int(port)

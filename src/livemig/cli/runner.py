@@ -18,7 +18,8 @@ from typing import Any, BinaryIO
 
 from livemig import snapshot
 from livemig.contract import Arch, Machine, MachineConfig, MachineError
-from livemig.control import ControlError, ControlServer
+from livemig.control import ControlError, ControlServer, check_control_path, default_control_dir
+from livemig.outpath import OutputPathError, claim_output_path
 
 ConsoleSink = Callable[[bytes], None]
 
@@ -54,7 +55,11 @@ def open_console(spec: str | None) -> tuple[ConsoleSink | None, Callable[[], Non
         return None, lambda: None
     if spec.startswith(("unix:", "tcp:")):
         return _socket_console(spec)
-    f: BinaryIO = open(spec, "ab", buffering=0)  # noqa: SIM115 - closed by the returned closer
+    try:
+        f: BinaryIO = open(spec, "ab", buffering=0)  # noqa: SIM115 - closed by the closer
+    except OSError as e:
+        why = "is a directory" if os.path.isdir(spec) else f"cannot be opened: {e.strerror or e}"
+        raise MachineError(f"console file {spec} {why}") from e
 
     def to_file(data: bytes) -> None:
         f.write(data)
@@ -82,7 +87,18 @@ def _socket_console(spec: str) -> tuple[ConsoleSink, Callable[[], None]]:
 
 
 def default_control_path() -> str:
-    return f"/tmp/livemig-{os.getpid()}.sock"
+    """`PID.sock` in the private control directory (created if needed; ControlError if it is
+    not private)."""
+    return os.path.join(default_control_dir(), f"{os.getpid()}.sock")
+
+
+def prepare_control_path(path: str | None) -> str:
+    """The control socket path to use, checked before any machine is built: the default one,
+    or `path` if it can become a socket (ControlError, one line, otherwise)."""
+    if path is None:
+        return default_control_path()
+    check_control_path(path)
+    return path
 
 
 class MachineHost:
@@ -146,24 +162,36 @@ class MachineHost:
         return {"state": "running"}
 
     def _save(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Write a snapshot to `path`: absolute, not an existing file (see livemig.outpath).
+        The guest is paused while its state is written; with `stop` it stays paused and the
+        host ends, unless the save failed."""
         path = req.get("path")
         if not isinstance(path, str) or not path:
             raise ControlError("save needs a 'path'")
+        stop = bool(req.get("stop"))
         with self.lock:
             was_running = self.machine.running
-            t0 = time.monotonic()
-            self.machine.pause()
             try:
-                size = snapshot.write(self.machine, os.path.abspath(path))
-            except OSError as e:
-                raise ControlError(f"cannot write snapshot {path}: {e.strerror or e}") from e
-            finally:
-                paused_ms = (time.monotonic() - t0) * 1000
-                if was_running and not req.get("stop"):
+                with claim_output_path(path) as tmp:
+                    t0 = time.monotonic()
+                    self.machine.pause()
+                    try:
+                        size = snapshot.write(self.machine, tmp)
+                    finally:
+                        paused_ms = (time.monotonic() - t0) * 1000
+                        if was_running and not stop:
+                            self.machine.resume()
+            except Exception as e:
+                if was_running and stop:
                     self.machine.resume()
-        if req.get("stop"):
+                if isinstance(e, OutputPathError):
+                    raise ControlError(f"cannot save to {path}: {e}") from e
+                if isinstance(e, OSError):
+                    raise ControlError(f"cannot save to {path}: {e.strerror or e}") from e
+                raise
+        if stop:
             self.finish("saved and stopped")
-        return {"path": os.path.abspath(path), "bytes": size, "paused_ms": round(paused_ms, 1)}
+        return {"path": path, "bytes": size, "paused_ms": round(paused_ms, 1)}
 
     def _quit(self, _req: dict[str, Any]) -> dict[str, Any]:
         self.finish("quit")
