@@ -16,6 +16,9 @@ from types import TracebackType
 from typing import Any
 
 from livemig.control import request
+from livemig.migration.credentials import make_tls_dir, write_key
+
+AUTH_KINDS = ("psk", "tls", "psk+tls", "none")
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
 
@@ -25,12 +28,16 @@ class PairError(RuntimeError):
 
 
 class MigrationPair:
-    """Starts the destination, then the source; `close()` (or `with`) stops both."""
+    """Starts the destination, then the source; `close()` (or `with`) stops both.
+
+    `auth` chooses how the two authenticate: a pre-shared key made for the pair (`psk`, the
+    default), mutual TLS from a CA made for the pair (`tls`), both, or `none` (--insecure)."""
 
     def __init__(self, image: str, mem: str, vcpus: int, cmdline: str, arch: str = "x86_64",
                  dst_host: str = "127.0.0.1", src_prefix: list[str] | None = None,
-                 dst_prefix: list[str] | None = None) -> None:
+                 dst_prefix: list[str] | None = None, auth: str = "psk") -> None:
         self.work = Path(tempfile.mkdtemp(prefix="livemig-pair-"))
+        self.src_auth, self.dst_auth = self._credentials(auth)
         self.src_sock, self.dst_sock = str(self.work / "src.sock"), str(self.work / "dst.sock")
         self.src_console, self.dst_console = self.work / "src.console", self.work / "dst.console"
         self.src_prefix = src_prefix or []
@@ -44,13 +51,32 @@ class MigrationPair:
     def _start(self, image: str, mem: str, vcpus: int, cmdline: str, arch: str, dst_host: str,
                dst_prefix: list[str]) -> None:
         self.dst = self._spawn([*dst_prefix, *LIVEMIG, "listen", "--host", dst_host,
-                                "--port", "0", "--once", "--control", self.dst_sock,
+                                "--port", "0", "--once", *self.dst_auth,
+                                "--control", self.dst_sock,
                                 "--console", str(self.dst_console)], "dst.log")
         self.target = f"{dst_host}:{self._listening_port()}"
         self.src = self._spawn([*self.src_prefix, *LIVEMIG, "run", image, "--arch", arch,
                                 "--mem", mem, "--vcpus", str(vcpus), "--append", cmdline,
                                 "--control", self.src_sock, "--console",
                                 str(self.src_console)], "src.log")
+
+    def _credentials(self, auth: str) -> tuple[list[str], list[str]]:
+        """Make the pair's key or TLS directories; the options for each side."""
+        if auth not in AUTH_KINDS:
+            raise PairError(f"auth must be one of {', '.join(AUTH_KINDS)}, not {auth!r}")
+        if auth == "none":
+            return ["--insecure"], ["--insecure"]
+        src: list[str] = []
+        dst: list[str] = []
+        if "psk" in auth:
+            write_key(str(self.work / "key"))
+            src += ["--key-file", str(self.work / "key")]
+            dst += ["--key-file", str(self.work / "key")]
+        if "tls" in auth:
+            for side, opts in (("src", src), ("dst", dst)):
+                make_tls_dir(str(self.work / f"tls-{side}"), ca_dir=str(self.work / "ca"))
+                opts += ["--tls-dir", str(self.work / f"tls-{side}")]
+        return src, dst
 
     def _spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.work / log, "wb") as f:
@@ -107,7 +133,8 @@ class MigrationPair:
     def migrate(self, args: list[str], capture: bool, timeout: float = 600) -> \
             subprocess.CompletedProcess[str]:
         """Run `livemig migrate SOURCE --to DEST ARGS` next to the source."""
-        cmd = [*self.src_prefix, *LIVEMIG, "migrate", self.src_sock, "--to", self.target, *args]
+        cmd = [*self.src_prefix, *LIVEMIG, "migrate", self.src_sock, "--to", self.target,
+               *self.src_auth, *args]
         return subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout)
 
     def close(self) -> None:

@@ -32,12 +32,14 @@ class LivemigScenario:
     warmup_heartbeats: int = 3
     settle_heartbeats: int = 3
     timeout_s: float = 300.0
+    auth: str = "psk"  # how the pair authenticates (bench.pair.AUTH_KINDS)
 
 
 def run_livemig(sc: LivemigScenario) -> dict[str, Any]:
     """Run the scenario once; the result is `livemig migrate --json` plus heartbeat evidence."""
     try:
-        with MigrationPair(guest_image(sc.workload), sc.mem, sc.vcpus, sc.cmdline) as pair:
+        with MigrationPair(guest_image(sc.workload), sc.mem, sc.vcpus, sc.cmdline,
+                           auth=sc.auth) as pair:
             return _measure(pair, sc)
     except PairError as e:
         raise ScenarioError(str(e)) from e

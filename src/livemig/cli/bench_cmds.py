@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from livemig.bench import rawcopy, report
+from livemig.bench.pair import AUTH_KINDS
 from livemig.bench.qemu import QemuError, QemuMigrationConfig, run_qemu_migration
 from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
 from livemig.cli.bench_cpustate import cpu_state
@@ -37,9 +38,11 @@ def _line(who: str, i: int, n: int, r: dict[str, Any]) -> str:
 @click.option("--vcpus", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
 @click.option("--max-downtime", type=float, default=300.0, show_default=True, help="ms")
+@click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True,
+              help="how livemig's two sides authenticate (tls: encrypted too)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_downtime: float,
-            as_json: bool) -> None:
+            auth: str, as_json: bool) -> None:
     """Pre-copy of a hotset guest: livemig, QEMU (--vs-qemu) and a raw copy, in one run."""
     cmdline = f"wss={wss}"
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
@@ -49,7 +52,7 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
     for i in range(1, repeat + 1):  # interleaved, so that noise hits every side alike
         try:
             r = run_livemig(LivemigScenario("hotset", str(mem), vcpus, cmdline, "precopy",
-                                            ["--max-downtime", str(max_downtime)]))
+                                            ["--max-downtime", str(max_downtime)], auth=auth))
         except ScenarioError as e:
             raise click.ClickException(f"livemig scenario: {e}") from e
         ours.append(r)
@@ -66,7 +69,8 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
         raw.append(rawcopy.measure_raw_copy(mem, repeats=1).bytes_per_s)
         say(f"raw copy run {i}/{repeat}: {raw[-1] / 2**20:.0f} MiB/s")
     raw.sort()
-    rep = report.build_report(f"precopy hotset mem={mem >> 20}M wss={wss} vcpus={vcpus}",
+    rep = report.build_report(f"precopy hotset mem={mem >> 20}M wss={wss} vcpus={vcpus} "
+                              f"auth={auth}",
                               ours, theirs or [{}], raw[len(raw) // 2])
     if as_json:
         click.echo(json.dumps(rep, default=str))
