@@ -19,6 +19,21 @@ GUESTS = ROOT / "guests" / "build"
 LIVEMIG = [sys.executable, "-m", "livemig"]
 
 
+def _make_key() -> str:
+    """One pre-shared key for the whole test run (listen and migrate refuse to run without)."""
+    import tempfile
+
+    from livemig.migration.credentials import write_key
+
+    path = os.path.join(tempfile.mkdtemp(prefix="livemig-test-key-"), "key")
+    write_key(path)
+    return path
+
+
+KEY_FILE = _make_key()
+AUTH = ["--key-file", KEY_FILE]
+
+
 def kvm_usable() -> bool:
     return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
@@ -110,11 +125,13 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 class Listener:
     """A `livemig listen --once` process on loopback; its port is read from what it prints."""
 
-    def __init__(self, tmp: Path, console: Path | None = None, name: str = "dst") -> None:
+    def __init__(self, tmp: Path, console: Path | None = None, name: str = "dst",
+                 auth: list[str] | None = None) -> None:
         self.control = str(tmp / f"{name}.sock")
         self.console = console
         self.proc = subprocess.Popen(
             [*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0", "--once",
+             *(AUTH if auth is None else auth),
              "--console", str(console) if console else "none", "--control", self.control],
             stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stderr is not None
@@ -125,6 +142,11 @@ class Listener:
     def ctl(self, cmd: str, **kw: Any) -> dict[str, Any]:
         from livemig.control import request
         return request(self.control, cmd, **kw)
+
+    def terminate(self) -> str:
+        """Stop it now (it may still be listening); its remaining output."""
+        self.proc.terminate()
+        return self.stop()
 
     def stop(self) -> str:
         """Its remaining output; with --once it exits by itself after a refused migration."""

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Listener, MachineProcess, run_cli, wait_for
+from conftest import AUTH, Listener, MachineProcess, run_cli, wait_for
 from memmachine import MemoryMachine, memory_config
 from test_arm_cli import arm_image, counters, failures, has_ok_on_every_cpu
 from test_migrate_engine import Dest, assert_source_alive, connect
@@ -40,8 +40,8 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
              "an OK report and a heartbeat from both vCPUs")
     dst = Listener(tmp_path, console=tmp_path / "dst.console")
     try:
-        res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", "--mode", mode,
-                      "--verify-memory", "--json")
+        res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH,
+                      "--mode", mode, "--verify-memory", "--json")
         assert res.returncode == 0, res.stderr
         stats = json.loads(res.stdout)
         assert stats["status"] == "completed" and stats["mode"] == mode, stats

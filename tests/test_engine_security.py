@@ -129,16 +129,16 @@ def test_replayed_hello_is_refused() -> None:
     dst = Dst(Security(key=KEY))
     src = source()
     recorded = bytearray()
-    relay = socket.create_server(("127.0.0.1", 0))
+    server = socket.create_server(("127.0.0.1", 0))
 
     def pump() -> None:
-        a, _ = relay.accept()
+        a, _ = server.accept()
         b = socket.create_connection(("127.0.0.1", dst.addr.port))
-        threading.Thread(target=_copy, args=(b, a, None), daemon=True).start()
-        _copy(a, b, recorded)
+        threading.Thread(target=relay, args=(b, a, None), daemon=True).start()
+        relay(a, b, recorded)
 
     threading.Thread(target=pump, daemon=True).start()
-    addr = Address("127.0.0.1", relay.getsockname()[1])
+    addr = Address("127.0.0.1", server.getsockname()[1])
     migrate(src, dial(addr, Security(key=KEY)), MigrationOptions(),
             security=Security(key=KEY))
     assert dst.result().error is None
@@ -153,7 +153,8 @@ def test_replayed_hello_is_refused() -> None:
     dst.close()
 
 
-def _copy(a: socket.socket, b: socket.socket, keep: bytearray | None) -> None:
+def relay(a: socket.socket, b: socket.socket, keep: bytearray | None) -> None:
+    """Copy a to b until a ends (keeping the bytes in `keep`), then end b."""
     try:
         while data := a.recv(1 << 16):
             if keep is not None:

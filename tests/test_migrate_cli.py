@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import AUTH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -51,7 +52,7 @@ def test_listen_and_migrate_json(tmp_path: Any) -> None:
     image = os.path.join(ROOT, "guests", "build", "idle.elf")
     src = subprocess.Popen([sys.executable, "-c", SOURCE, image, src_ctl],
                            stderr=subprocess.PIPE)
-    dst = subprocess.Popen([*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0",
+    dst = subprocess.Popen([*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0", *AUTH,
                             "--console", "none", "--control", dst_ctl], stderr=subprocess.PIPE)
     try:
         assert dst.stderr is not None
@@ -61,9 +62,9 @@ def test_listen_and_migrate_json(tmp_path: Any) -> None:
         wait_for(src_ctl)
         time.sleep(0.5)
         out = subprocess.run(
-            [*LIVEMIG, "migrate", src_ctl, "--to", f"127.0.0.1:{port.group(1)}",
+            [*LIVEMIG, "migrate", src_ctl, "--to", f"127.0.0.1:{port.group(1)}", *AUTH,
              "--verify-memory", "--json"], capture_output=True, timeout=60)
-        assert out.returncode == 0, out.stderr.decode()
+        assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()[-3000:]
         res = json.loads(out.stdout)
         assert res["status"] == "completed" and res["verified_memory"] is True
         assert set(res) >= {"mode", "total_ms", "downtime_ms", "setup_ms", "rounds",

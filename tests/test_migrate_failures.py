@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    KEY_FILE,
     Listener,
     MachineProcess,
     future_version_destination,
@@ -36,7 +37,8 @@ def source(machines) -> MachineProcess:
 
 
 def start_migration(src: MachineProcess, port: int, **opts: Any) -> None:
-    reply = src.ctl("migrate", to=f"127.0.0.1:{port}", max_bandwidth=SLOW, **opts)
+    reply = src.ctl("migrate", to=f"127.0.0.1:{port}", max_bandwidth=SLOW, key_file=KEY_FILE,
+                    **opts)
     assert reply["ok"], reply
 
 

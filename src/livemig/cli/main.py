@@ -10,12 +10,13 @@ from typing import Any
 import click
 
 from livemig import snapshot
-from livemig.cli import bench_cmds, demo, migrate_cmds
+from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds
 from livemig.cli.options import ARCH, CONTROL_HELP, SIZE, SIZE_HELP
 from livemig.cli.process import host_machine, serve_machine
 from livemig.cli.runner import build_machine, open_console, prepare_control_path
 from livemig.contract import Arch, ImageError, MachineConfig, MachineError
 from livemig.control import ControlError, request
+from livemig.migration.credentials import CredentialError
 
 EXIT_USAGE = 2
 
@@ -100,11 +101,11 @@ def restore(file: str, console: str, control: str | None) -> None:
     snap = snapshot.read(file)
     control = prepare_control_path(control)
     sink, close = open_console(console)
-    host_machine(build_machine(snap.config, sink), control, close,
-                 lambda m: snapshot.restore_into(snap, m))
+    machine = snapshot.restore(snap, lambda cfg: build_machine(cfg, sink))
+    host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds):
+for _module in (migrate_cmds, demo, bench_cmds, credential_cmds):
     _module.add_commands(cli)
 
 
@@ -126,7 +127,7 @@ def main() -> None:
     except click.ClickException as e:
         click.echo(f"livemig: error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
-    except (MachineError, ControlError, ValueError) as e:
+    except (MachineError, ControlError, CredentialError, ValueError) as e:
         click.echo(f"livemig: error: {_one_line(str(e))}", err=True)
         sys.exit(EXIT_USAGE)
     except OSError as e:  # a host resource failed (a file, a socket, a KVM ioctl): say which

@@ -4,7 +4,6 @@ migration (`migrate`, `query-migrate`, `migrate-cancel`) is in `migration_contro
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from typing import Any
@@ -21,16 +20,12 @@ from livemig.cli.runner import (
     preload_backends,
     prepare_control_path,
 )
+from livemig.cli.security_opts import build_security, security_options, security_request
 from livemig.contract import MachineConfig
 from livemig.control import ControlError, request
-from livemig.migration import (
-    CommitUnconfirmed,
-    MigrationError,
-    MigrationStats,
-    Mode,
-    receive,
-)
-from livemig.migration.transport import listen
+from livemig.migration import Mode
+from livemig.migration.listener import Listener
+from livemig.migration.transport import Address, AddressError, bind
 
 __all__ = ["add_commands", "listen_cmd", "migrate_cmd", "register_migration_controls"]
 
@@ -38,59 +33,69 @@ __all__ = ["add_commands", "listen_cmd", "migrate_cmd", "register_migration_cont
 # -- livemig listen ---------------------------------------------------------------------------
 
 
-def _receive_one(srv: socket.socket, console: str) -> tuple[Any, Any, MigrationStats] | None:
-    """Accept one migration; None (after saying why) when it failed before COMMIT."""
-    conn, peer = srv.accept()
-    click.echo(f"livemig: incoming migration from {peer[0]}:{peer[1]}", err=True)
-    sink, close = open_console(console)
+LINGER_AFTER_DISCARD = 15.0  # seconds `listen --once` stays to answer a resolve question
 
-    def build(cfg: MachineConfig) -> Any:
+
+class _Consoles:
+    """The console of the machine being received (one at a time), opened when it is built."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.close: Any = lambda: None
+
+    def build(self, cfg: MachineConfig) -> Any:
+        sink, self.close = open_console(self.spec)
         return build_machine(cfg, sink)
 
-    try:
-        machine, stats = receive(conn, build)
-    except CommitUnconfirmed as e:
-        click.echo(f"livemig: {e}", err=True)
-        return e.machine, close, MigrationStats(status="commit-unknown")  # type: ignore[attr-defined]
-    except MigrationError as e:
-        click.echo(f"livemig: migration refused: {e}", err=True)
-        close()
-        return None
-    finally:
-        conn.close()
-    return machine, close, stats
+
+def _address(host: str, port: int | None, unix: str | None) -> Address:
+    if unix:
+        return Address(path=unix)
+    if port is None:
+        raise BadInput("listen needs --port (or --unix PATH)")
+    return Address(host, port)
 
 
 @click.command("listen")
 @click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
-@click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port (0: any)")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="TCP port (0: any)")
+@click.option("--unix", default=None, help="listen on a unix socket at this path instead")
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
-def listen_cmd(host: str, port: int, console: str, control: str | None, once: bool) -> None:
+@security_options
+def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
+               control: str | None, once: bool, key_file: str | None, tls_dir: str | None,
+               insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
     control = prepare_control_path(control)
+    sec = build_security(key_file, tls_dir, insecure)
+    addr = _address(host, port, unix)
     preload_backends()
     try:
-        srv = listen(host, port)
-    except OSError as e:
-        why = str(e.strerror or e).split(" (while attempting")[0]  # create_server's addition
-        raise BadInput(f"cannot listen on {host}:{port}: {why}") from e
-    h, p = srv.getsockname()[:2]
-    click.echo(f"livemig: listening for a migration on {h}:{p}", err=True)
-    got = None
-    while got is None:
-        got = _receive_one(srv, console)
-        if got is None and once:
-            sys.exit(1)
-    srv.close()
-    machine, close, stats = got
-    mhost = MachineHost(machine, control, close)
-    register_migration_controls(mhost)
-    if stats.status == "completed":
-        click.echo(f"livemig: migration received, machine running "
-                   f"({stats.bytes_sent} bytes, {len(stats.rounds)} rounds)", err=True)
-    serve_machine(mhost)
+        srv = bind(addr)
+    except AddressError as e:
+        raise BadInput(str(e).split(" (while attempting")[0]) from e
+    where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
+    click.echo(f"livemig: listening for a migration on {where}", err=True)
+    consoles = _Consoles(console)
+    lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True))
+    lst.start()
+    try:
+        while (inc := lst.results.get()).machine is None:
+            consoles.close()
+            click.echo(f"livemig: migration from {inc.peer} refused: {inc.error}", err=True)
+            if once:
+                if inc.stats.status == "discarded":
+                    time.sleep(LINGER_AFTER_DISCARD)  # the source may ask what happened
+                sys.exit(1)
+        mhost = MachineHost(inc.machine, control, consoles.close)
+        register_migration_controls(mhost)
+        click.echo(f"livemig: migration received, machine running ({inc.stats.bytes_sent} "
+                   f"bytes, {len(inc.stats.rounds)} rounds, {inc.stats.security})", err=True)
+        serve_machine(mhost)  # the listener stays up meanwhile, to answer resolve questions
+    finally:
+        lst.close()
 
 
 # -- livemig migrate --------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
                 return q
             p = q.get("progress")
             if p:
-                left = p["remaining_pages"] + p["round_pages_total"] - p["round_pages_done"]
+                left = p["round_pages_total"] - p["round_pages_done"]
                 info = (f"remaining {left} pages  {p['bandwidth'] / 1e6:.0f} MB/s  "
                         f"throttle {p['throttle']:.0%}")
                 bar.update(task, description=f"{p['phase']} {p['round']}",
@@ -162,26 +167,30 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.option("--max-rounds", "max_rounds", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--auto-converge", is_flag=True, help="throttle vCPUs when rounds stop shrinking")
 @click.option("--verify-memory", is_flag=True, help="compare keyed hashes of every page")
+@click.option("--switchover-timeout", "switchover_timeout", type=click.FloatRange(0.1, 3600),
+              default=None, help="seconds the guest may stay paused before READY; past it the "
+              "source aborts and resumes [max(5, 10 x max-downtime)]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@security_options
 def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
-                verify_memory: bool, as_json: bool) -> None:
-    """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT."""
+                verify_memory: bool, switchover_timeout: float | None, as_json: bool,
+                key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
+    """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
+    unix:PATH)."""
     check_target(target)
+    auth = security_request(key_file, tls_dir, insecure)
     reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
                     max_bandwidth=max_bandwidth, max_rounds=max_rounds,
-                    auto_converge=auto_converge, verify_memory=verify_memory)
+                    auto_converge=auto_converge, verify_memory=verify_memory,
+                    switchover_timeout_s=switchover_timeout, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())
     stats = q.get("stats") or {"status": q.get("status")}
     if as_json:
-        # The documented summary first; then the detail (bandwidth, dirty rate, the
-        # switch-over steps, each round) for whoever wants to look further.
-        keys = ("status", "mode", "total_ms", "downtime_ms", "setup_ms", "rounds", "bytes_sent",
-                "pages", "guest_gap_ms", "verified_memory", "throttle", "error", "bandwidth",
-                "dirty_rate", "switchover_ms", "round_detail")
-        click.echo(json.dumps({k: stats.get(k) for k in keys} | {"error": q.get("error")}))
+        # The stats object of docs/stats.md, with the final status and error of the attempt.
+        click.echo(json.dumps(stats | {"status": q.get("status"), "error": q.get("error")}))
     elif q.get("status") == "completed" and q.get("stats"):
         _show_table(stats)
     if q.get("status") != "completed":

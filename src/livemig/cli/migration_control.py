@@ -4,10 +4,12 @@ machine: one outgoing migration at a time, driven and watched through the contro
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from livemig.cli.runner import MachineHost
+from livemig.cli.security_opts import security_from_request
 from livemig.control import ControlError
 from livemig.migration import (
     CommitUnconfirmed,
@@ -19,7 +21,10 @@ from livemig.migration import (
     migrate,
     parse_rate,
 )
-from livemig.migration.transport import connect
+from livemig.migration.channels import Channel, Role
+from livemig.migration.resolve import ask
+from livemig.migration.security import Security
+from livemig.migration.transport import dial, parse_address
 
 FINAL_STATUS_WAIT = 5.0  # seconds a migrated-away host waits for its final stats to be read
 
@@ -36,6 +41,8 @@ class MigrationControl:
         self.stats: MigrationStats | None = None
         self.error: str | None = None
         self.connected = False  # this attempt reached its destination
+        self.security = Security.insecure()
+        self.redial: Callable[[Role], Channel] | None = None  # for migrate-resolve
         # Set when a client has read this attempt's final status; a new one for each attempt
         # (a failed attempt's must not let a later successful one exit before it is read).
         self.reported = threading.Event()
@@ -47,6 +54,10 @@ class MigrationControl:
         if not isinstance(target, str):
             raise ControlError("migrate needs 'to': HOST:PORT")
         opts = options_from_request(req)
+        try:
+            self.security = security_from_request(req)
+        except MigrationError as e:
+            raise ControlError(str(e)) from e
         self.cancel = threading.Event()
         self.reported = threading.Event()
         self.connected = False
@@ -58,25 +69,27 @@ class MigrationControl:
 
     def _run(self, target: str, opts: MigrationOptions, reported: threading.Event) -> None:
         with self.host.lock:
+            sec = self.security
             try:
-                sock = connect(target)
-            except (OSError, ValueError) as e:
-                why = (e.strerror if isinstance(e, OSError) else None) or str(e)
-                self.status, self.error = "failed", f"cannot connect to {target}: {why}"
+                addr = parse_address(target)
+                main = dial(addr, sec)
+            except MigrationError as e:
+                self.status, self.error = "failed", str(e)
                 return
             self.connected = True
+            self.redial = lambda role: dial(addr, sec, role)
             try:
-                self.stats = migrate(self.host.machine, sock, opts, self._on_progress,
-                                     self.cancel)
+                self.stats = migrate(self.host.machine, main, opts, self._on_progress,
+                                     self.cancel, sec, self.redial)
                 self.status = "completed"
             except MigrationError as e:
-                self.stats = getattr(e, "stats", None)
+                self.stats = e.stats
                 self.status = self.stats.status if self.stats else "failed"
                 self.error = str(e)
                 if isinstance(e, CommitUnconfirmed):
                     self.status = "commit-unconfirmed"
             finally:
-                sock.close()
+                main.close()
         if self.status == "completed":
             # Let `livemig migrate` read the final stats before the source host goes away.
             reported.wait(FINAL_STATUS_WAIT)
@@ -96,6 +109,24 @@ class MigrationControl:
             "error": self.error,
             "connected": self.connected,
         }
+
+    def do_resolve(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """After a lost COMMIT: ask the destination, then run exactly one copy here or there."""
+        if self.status != "commit-unconfirmed" or self.redial is None or self.stats is None:
+            raise ControlError("no migration is waiting for its COMMIT to be confirmed")
+        try:
+            committed = ask(self.redial, self.security, bytes.fromhex(self.stats.session))
+        except MigrationError as e:
+            raise ControlError(f"cannot ask the destination: {e}; both sides stay paused") from e
+        if committed:
+            self.status = "completed"
+            self.stats.status = "completed"
+            self.host.finish("migrated (confirmed by migrate-resolve)")
+            return {"committed": True, "source": "stopped: the machine runs at the destination"}
+        self.host.machine.resume()
+        self.status = self.stats.status = "failed"
+        self.error = "COMMIT never reached the destination, which discarded its copy"
+        return {"committed": False, "source": "running again"}
 
     def do_cancel(self, _req: dict[str, Any]) -> dict[str, Any]:
         if self.thread is None or not self.thread.is_alive():
@@ -117,6 +148,8 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
             opts.max_rounds = int(req["max_rounds"])
         opts.auto_converge = bool(req.get("auto_converge", False))
         opts.verify_memory = bool(req.get("verify_memory", False))
+        if req.get("switchover_timeout_s") is not None:
+            opts.switchover_timeout_s = float(req["switchover_timeout_s"])
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:
@@ -132,6 +165,7 @@ def register_migration_controls(host: MachineHost) -> None:
     host.control.register("migrate", mc.start)
     host.control.register("query-migrate", mc.query)
     host.control.register("migrate-cancel", mc.do_cancel)
+    host.control.register("migrate-resolve", mc.do_resolve)
 
 
 def outcome_line(q: dict[str, Any]) -> str:

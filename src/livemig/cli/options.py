@@ -59,7 +59,9 @@ CONTROL_HELP = ("control socket path [$XDG_RUNTIME_DIR/livemig/PID.sock, "
 def check_target(target: str, option: str = "--to") -> tuple[str, int]:
     """`HOST:PORT` (or `[V6]:PORT`) of a destination, checked here so that a typo is bad input
     (BadInput: one line, exit 2) rather than a failed migration: the port must be 1..65535
-    and the host must resolve."""
+    and the host must resolve. `unix:PATH` is taken as it is (port 0)."""
+    if target.startswith("unix:") and len(target) > 5:
+        return target[5:], 0
     host, sep, port = target.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():

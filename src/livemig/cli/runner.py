@@ -36,9 +36,12 @@ def build_machine(config: MachineConfig, console: ConsoleSink | None) -> Machine
 
 def preload_backends() -> None:
     """Import the machine backends now, so that a migration arriving later does not pay for
-    the imports inside its setup time."""
+    the imports inside its setup time, and prepare the process for KVM machines on the main
+    thread (the listener builds machines on its connection threads)."""
     for name in ("livemig.machine", "livemig.arm"):
         importlib.import_module(name)
+    from livemig.machine import prepare_process
+    prepare_process()
 
 
 def open_console(spec: str | None) -> tuple[ConsoleSink | None, Callable[[], None]]:

@@ -318,9 +318,8 @@ class Source:
         payload = {"state": st.encode(), "probe": self.m.probe.state()}
         self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
-        assert self.deadline is not None
         try:
-            self.expect(RecordType.READY, self.deadline)
+            self.expect(RecordType.READY, self.deadline or time.monotonic())
         except ConnectionLost:
             self.check()  # a passed deadline says so; anything else goes as it is
             raise

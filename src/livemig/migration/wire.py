@@ -33,6 +33,7 @@ MAGIC = b"LM"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 16 << 20  # 16 MiB: a page batch, a state or a verify table fits
+MAX_IOV = 512  # buffers per sendmsg (IOV_MAX is 1024)
 
 
 class RecordType(enum.IntEnum):
@@ -91,13 +92,22 @@ def frame(rtype: RecordType, *parts: bytes | memoryview) -> list[bytes | memoryv
     return [header(rtype, length, crc32(parts)), *parts]
 
 
-def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview]) -> int:
-    """Send every byte of `bufs` with as few `sendmsg` calls as the kernel allows."""
+def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview],
+                 deadline: float | None = None) -> int:
+    """Send every byte of `bufs` with as few `sendmsg` calls as the kernel allows; with a
+    `deadline` (time.monotonic) a peer that takes nothing in time raises Timeout."""
     views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
     total = sum(v.nbytes for v in views)
+    flags = 0 if deadline is None else socket.MSG_DONTWAIT
     try:
         while views:
-            n = sock.sendmsg(views[:512])
+            try:
+                n = sock.sendmsg(views[:MAX_IOV], [], flags)
+            except BlockingIOError:
+                remaining = (deadline or 0) - time.monotonic()
+                if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+                    raise Timeout("the peer took nothing in time (link stalled)") from None
+                continue
             while n:
                 if n >= views[0].nbytes:
                     n -= views[0].nbytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import socket
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -15,6 +16,16 @@ from livemig.migration.wire import (
     RecordType,
     frame,
 )
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut down, then close: a thread blocked reading holds a socket open past close(), and
+    the peer would see no end."""
+    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            step()
+        except OSError:
+            pass
 
 
 class Role(enum.Enum):

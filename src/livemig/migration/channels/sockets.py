@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import array
-import select
 import socket
 import time
 from collections.abc import Sequence
 
-from livemig.migration.channels.base import Channel, Role
-from livemig.migration.errors import ConnectionLost, Timeout
-from livemig.migration.wire import MAX_PAYLOAD
+from livemig.migration.channels.base import Channel, Role, close_socket
+from livemig.migration.wire import MAX_PAYLOAD, send_buffers
 
 SOCKET_BUFFER = 8 << 20
-MAX_IOV = 512  # buffers per sendmsg (IOV_MAX is 1024)
 
 
 def tune(sock: socket.socket) -> None:
@@ -39,31 +36,7 @@ class SocketChannel(Channel):
         tune(sock)
 
     def _write(self, bufs: Sequence[bytes | memoryview], deadline: float | None) -> int:
-        views = [memoryview(b).cast("B") for b in bufs if memoryview(b).nbytes]
-        total = sum(v.nbytes for v in views)
-        flags = 0 if deadline is None else socket.MSG_DONTWAIT
-        try:
-            while views:
-                try:
-                    n = self.sock.sendmsg(views[:MAX_IOV], [], flags)
-                except BlockingIOError:
-                    self._wait_writable(deadline)
-                    continue
-                while n:
-                    if n >= views[0].nbytes:
-                        n -= views[0].nbytes
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
-        except OSError as e:
-            raise ConnectionLost(f"connection lost while sending: {e}") from e
-        return total
-
-    def _wait_writable(self, deadline: float | None) -> None:
-        remaining = (deadline or 0) - time.monotonic()
-        if remaining <= 0 or not select.select([], [self.sock], [], remaining)[1]:
-            raise Timeout("the peer took nothing in time (link stalled)")
+        return send_buffers(self.sock, bufs, deadline)
 
     def send_fds(self, data: bytes, fds: list[int]) -> None:
         """Send `data` with file descriptors attached (unix sockets only; SCM_RIGHTS)."""
@@ -90,13 +63,4 @@ class SocketChannel(Channel):
             pass
 
     def close(self) -> None:
-        """Shut down first: a thread blocked reading holds the socket open past close(),
-        and the peer would see no end."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)

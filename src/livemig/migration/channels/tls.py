@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import Sequence
 
-from livemig.migration.channels.base import Channel, Role
+from livemig.migration.channels.base import Channel, Role, close_socket
 from livemig.migration.channels.sockets import tune
 from livemig.migration.errors import AuthError, ConnectionLost, Timeout
 from livemig.migration.wire import MAX_PAYLOAD
@@ -66,16 +66,7 @@ class TlsChannel(Channel):
         return total
 
     def close(self) -> None:
-        """Shut down first: a thread blocked reading holds the socket open past close(),
-        and the peer would see no end."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
 
 def _handshake(wrap: object, sock: socket.socket, timeout: float) -> ssl.SSLSocket:
