@@ -24,6 +24,7 @@ from livemig.cli.security_opts import build_security, security_options, security
 from livemig.contract import MachineConfig
 from livemig.control import ControlError, request
 from livemig.migration import Mode
+from livemig.migration.errors import InternalError
 from livemig.migration.listener import Listener
 from livemig.migration.transport import Address, AddressError, bind
 
@@ -84,7 +85,9 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     try:
         while (inc := lst.results.get()).machine is None:
             consoles.close()
-            click.echo(f"livemig: migration from {inc.peer} refused: {inc.error}", err=True)
+            detail = f" ({inc.error.detail})" if isinstance(inc.error, InternalError) else ""
+            click.echo(f"livemig: migration from {inc.peer} refused: {inc.error}{detail}",
+                       err=True)
             if once:
                 if inc.stats.status == "discarded":
                     time.sleep(LINGER_AFTER_DISCARD)  # the source may ask what happened

@@ -96,6 +96,8 @@ def save_vcpu(vcpu: Vcpu, msrs: list[int]) -> dict[str, Any]:
 
 def check_vcpu_state(state: dict[str, Any], sizes: dict[str, int]) -> None:
     """Raise StateError if a saved vCPU map lacks a field or has one of the wrong size."""
+    if not isinstance(state, dict):
+        raise StateError("vCPU state is not a map")
     for name, size in sizes.items():
         blob = state.get(name)
         if not isinstance(blob, bytes):
@@ -104,6 +106,10 @@ def check_vcpu_state(state: dict[str, Any], sizes: dict[str, int]) -> None:
             raise StateError(f"vCPU field {name!r} is {len(blob)} bytes, this host uses {size}")
     if not isinstance(state.get("mp_state"), int) or not isinstance(state.get("msrs"), list):
         raise StateError("vCPU state lacks mp_state or msrs")
+    for m in state["msrs"]:
+        if (not isinstance(m, list | tuple) or len(m) != 2
+                or not all(isinstance(x, int) and 0 <= x < 1 << 64 for x in m)):
+            raise StateError("vCPU state has an MSR entry that is not [index, value]")
 
 
 def load_vcpu(vcpu: Vcpu, state: dict[str, Any]) -> None:

@@ -204,8 +204,7 @@ class KvmMachine:
         for name in (*IRQCHIPS, "pit2", "clock"):
             if not isinstance(state.vm.get(name), bytes):
                 raise StateError(f"VM state lacks {name!r}")
-        if "uart" not in state.devices:
-            raise StateError("device state lacks the UART")
+        self.uart.validate(state.devices.get("uart"))
         try:
             self.vm.set_clock(state.vm["clock"])
             self.vm.set_pit2(state.vm["pit2"])

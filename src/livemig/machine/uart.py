@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from livemig.contract import StateError
+
 COM1_BASE = 0x3F8
 
 LSR_THRE = 0x20
@@ -95,6 +97,18 @@ class Uart16550:
 
     def save(self) -> dict[str, Any]:
         return {**asdict(self.regs), "pending": bytes(self._line)}
+
+    @staticmethod
+    def validate(state: object) -> None:
+        """Raise StateError naming what is wrong with a saved UART map."""
+        if not isinstance(state, dict):
+            raise StateError("device state lacks the UART")
+        for k in asdict(UartRegs()):
+            v = state.get(k)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFF:
+                raise StateError(f"UART state field {k!r} is missing or not a register value")
+        if not isinstance(state.get("pending", b""), bytes):
+            raise StateError("UART state field 'pending' is not a byte string")
 
     def load(self, state: dict[str, Any]) -> None:
         self.regs = UartRegs(**{k: int(state[k]) for k in asdict(UartRegs())})

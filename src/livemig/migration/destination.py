@@ -32,6 +32,7 @@ from livemig.migration.channels import Channel, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
 from livemig.migration.errors import (
     AuthError,
+    InternalError,
     ConnectionLost,
     MigrationError,
     ProtocolError,
@@ -118,7 +119,7 @@ class Destination:
         except MachineError as e:
             raise self._fail(MigrationError(f"destination machine: {e}")) from e
         except Exception as e:  # a bug must not leave the source waiting for nothing
-            raise self._fail(MigrationError(f"destination failed: {type(e).__name__}: {e}")) from e
+            raise self._fail(InternalError(f"{type(e).__name__}: {e}")) from e
         finally:
             self.sess.record_channels()
             self.stats.channels = self.sess.stats.channels
@@ -145,8 +146,9 @@ class Destination:
         if self.state is DestState.READY:
             self.outcomes.decide(self.sess.id, False)
             self.state = DestState.DISCARDED
-            e = type(e)(f"{e}; READY was sent but COMMIT never came: the destination "
-                        "discarded its copy")
+            if not isinstance(e, InternalError):
+                e = type(e)(f"{e}; READY was sent but COMMIT never came: the destination "
+                            "discarded its copy")
             self.stats.error = str(e)
         elif self.state is not DestState.ABORTED:
             self.state = DestState.FAILED

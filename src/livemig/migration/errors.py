@@ -28,6 +28,15 @@ class AuthError(MigrationError):
     """The peer could not prove it holds the key or certificate this side requires."""
 
 
+class InternalError(MigrationError):
+    """A bug met while handling the peer's input: the peer is told only that; `detail` (the
+    exception's type and text) is for this side's log."""
+
+    def __init__(self, detail: str, stats: MigrationStats | None = None) -> None:
+        super().__init__("destination failed: internal error (details in its log)", stats)
+        self.detail = detail
+
+
 class RemoteError(MigrationError):
     """The peer reported a failure of its own (an ERROR or ABORT record)."""
 
