@@ -32,8 +32,8 @@ from livemig.migration.channels import Channel, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
 from livemig.migration.errors import (
     AuthError,
-    InternalError,
     ConnectionLost,
+    InternalError,
     MigrationError,
     ProtocolError,
     RemoteError,
