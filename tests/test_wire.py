@@ -211,3 +211,17 @@ def test_verify_key_matters() -> None:
     assert not np.array_equal(
         verify.page_digests(src, b"a" * 32), verify.page_digests(src, b"b" * 32)
     )
+
+
+def test_reader_limit_is_enforced_before_the_payload() -> None:
+    """A 2 MiB record on a reader limited to 1 MiB (the return path) is "too large", not a
+    CRC mismatch, and nothing of its payload is read."""
+    a, b = socket.socketpair()
+    wire.send_record(a, RecordType.REPORT, bytes(2 << 20)[: 64 << 10])  # header says 64 KiB
+    r = RecordReader(b, max_payload=1 << 20)
+    assert r.read().type is RecordType.REPORT
+    head = wire.header(RecordType.REPORT, 2 << 20, 0)
+    a.sendall(head)
+    with pytest.raises(ProtocolError, match="too large"):
+        r.read()
+    assert r.bytes_read == wire.HEADER_SIZE * 2 + (64 << 10)
