@@ -11,7 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LIVEMIG, ROOT, Listener, future_version_destination, image, needs_kvm, run_cli
+from conftest import (
+    AUTH,
+    LIVEMIG,
+    ROOT,
+    Listener,
+    future_version_destination,
+    image,
+    needs_kvm,
+    run_cli,
+)
 
 from livemig import units
 from livemig.migration.options import parse_rate as engine_parse_rate
@@ -82,24 +91,25 @@ def test_missing_directories_are_named(tmp_path: Path) -> None:
     one_line(run_cli("run", image("idle"), "--control", sock), 2, sock, "does not exist")
     con = str(tmp_path / "no" / "console.txt")
     one_line(run_cli("run", image("idle"), "--console", con), 2, con, "No such file")
-    one_line(run_cli("listen", "--port", "0", "--control", sock), 2, sock, "does not exist")
+    one_line(run_cli("listen", "--port", "0", "--control", sock, *AUTH), 2, sock,
+             "does not exist")
 
 
 def test_listen_port_in_use() -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        one_line(run_cli("listen", "--host", "127.0.0.1", "--port", str(port)), 2,
+        one_line(run_cli("listen", "--host", "127.0.0.1", "--port", str(port), *AUTH), 2,
                  f"cannot listen on 127.0.0.1:{port}", "in use")
 
 
 def test_migrate_to_bad_addresses() -> None:
-    one_line(run_cli("migrate", "/nonexistent.sock", "--to", "no-such-host.invalid:4444"), 2,
-             "no-such-host.invalid", "cannot resolve")
-    one_line(run_cli("migrate", "/nonexistent.sock", "--to", "127.0.0.1:99999"), 2,
-             "99999", "out of range")
-    one_line(run_cli("migrate", "/nonexistent.sock", "--to", "127.0.0.1"), 2, "HOST:PORT")
-    one_line(run_cli("migrate", "/nonexistent.sock", "--to", "127.0.0.1:1"), 2,
-             "/nonexistent.sock", "cannot reach control socket")
+    def migrate(to: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("migrate", "/nonexistent.sock", "--to", to, *AUTH)
+
+    one_line(migrate("no-such-host.invalid:4444"), 2, "no-such-host.invalid", "cannot resolve")
+    one_line(migrate("127.0.0.1:99999"), 2, "99999", "out of range")
+    one_line(migrate("127.0.0.1"), 2, "HOST:PORT")
+    one_line(migrate("127.0.0.1:1"), 2, "/nonexistent.sock", "cannot reach control socket")
 
 
 # -- ctl --------------------------------------------------------------------------------------
@@ -167,11 +177,11 @@ def test_failed_migration_says_what_state_is_left(machines) -> None:
     src.wait_heartbeat_above(0)
     port = closed_port()
     # Nothing listens: nothing was sent, the address was wrong: bad input.
-    one_line(run_cli("migrate", src.control, "--to", f"127.0.0.1:{port}"), 2,
+    one_line(run_cli("migrate", src.control, "--to", f"127.0.0.1:{port}", *AUTH), 2,
              f"cannot connect to 127.0.0.1:{port}", "the source machine runs on")
     # A destination that refuses (protocol version 99): a failed migration, exit 1.
     host, fport = future_version_destination()
-    line = one_line(run_cli("migrate", src.control, "--to", f"{host}:{fport}"), 1)
+    line = one_line(run_cli("migrate", src.control, "--to", f"{host}:{fport}", *AUTH), 1)
     assert line.startswith("livemig: migration failed: "), line
     assert line.endswith("; the source machine is running again"), line
     assert src.ctl("status")["state"] == "running"
@@ -185,7 +195,8 @@ def test_completed_migration_shows_the_table(machines, tmp_path: Path) -> None:
     src.wait_heartbeat_above(0)
     dst = Listener(tmp_path)
     try:
-        res = subprocess.run([*LIVEMIG, "migrate", src.control, "--to", f"127.0.0.1:{dst.port}"],
+        res = subprocess.run([*LIVEMIG, "migrate", src.control, "--to", f"127.0.0.1:{dst.port}",
+                              *AUTH],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         assert "migration completed" in res.stderr and "bytes sent" in res.stderr, res.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import LIVEMIG, ROOT, Listener, image, needs_kvm, run_cli, wait_for
+from conftest import AUTH, LIVEMIG, ROOT, Listener, image, needs_kvm, run_cli, wait_for
 from test_cli_errors import closed_port, one_line
 
 import livemig
@@ -148,7 +148,7 @@ def test_control_on_a_regular_file_leaves_it_intact(tmp_path: Path) -> None:
     one_line(run_cli("run", image("idle"), "--control", str(f)), 2,
              f"{f} exists and is not a socket")
     assert f.read_text() == "do not delete me\n"
-    one_line(run_cli("listen", "--port", "0", "--control", str(f)), 2,
+    one_line(run_cli("listen", "--port", "0", "--control", str(f), *AUTH), 2,
              f"{f} exists and is not a socket")
     assert f.read_text() == "do not delete me\n"
     one_line(run_cli("run", image("idle"), "--control", str(tmp_path)), 2,
@@ -220,13 +220,13 @@ def test_successful_retry_after_a_failed_migration(machines, tmp_path: Path) -> 
     src = machines(["run", image("idle"), "--mem", "256M"], "src")
     src.wait_heartbeat_above(0)
     port = closed_port()
-    failed = run_cli("migrate", src.control, "--to", f"127.0.0.1:{port}", "--json")
+    failed = run_cli("migrate", src.control, "--to", f"127.0.0.1:{port}", "--json", *AUTH)
     assert failed.returncode != 0 and json.loads(failed.stdout)["status"] == "failed"
     assert src.ctl("status")["state"] == "running"
     dst = Listener(tmp_path)
     try:
         res = subprocess.run([*LIVEMIG, "migrate", src.control, "--to",
-                              f"127.0.0.1:{dst.port}", "--json"],
+                              f"127.0.0.1:{dst.port}", "--json", *AUTH],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert res.returncode == 0, (res.stdout, res.stderr)
         out = json.loads(res.stdout)
