@@ -112,7 +112,9 @@ def _show_table(stats: dict[str, Any]) -> None:
     t.add_column("what")
     t.add_column("value", justify="right")
     rows = [
-        ("mode", stats["mode"]), ("total", f"{stats['total_ms']:.1f} ms"),
+        ("mode", stats["mode"]), ("security", stats.get("security", "-")),
+        ("stopped iterating", stats.get("stop_reason") or "-"),
+        ("total", f"{stats['total_ms']:.1f} ms"),
         ("setup", f"{stats['setup_ms']:.1f} ms"), ("downtime", f"{stats['downtime_ms']:.1f} ms"),
         ("guest-visible gap", "-" if stats["guest_gap_ms"] is None
          else f"{stats['guest_gap_ms']:.1f} ms"),
