@@ -120,7 +120,10 @@ class Listener:
         finally:
             if not authenticated:
                 self._pending.release()
-                (chan.close() if chan is not None else conn.close())
+                if chan is not None:
+                    chan.close()
+                else:
+                    conn.close()
 
     def _wrap(self, conn: socket.socket, deadline: float) -> Channel:
         if self.security.tls_server is None:
