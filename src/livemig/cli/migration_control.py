@@ -150,6 +150,8 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         opts.verify_memory = bool(req.get("verify_memory", False))
         if req.get("switchover_timeout_s") is not None:
             opts.switchover_timeout_s = float(req["switchover_timeout_s"])
+        if req.get("commit_timeout_s") is not None:
+            opts.commit_timeout_s = float(req["commit_timeout_s"])
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:

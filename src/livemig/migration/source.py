@@ -92,6 +92,7 @@ class Source:
         self.encoder: BatchEncoder | None = None
         self.paused = False
         self.deadline: float | None = None  # while paused: when the switch-over must give up
+        self.running_lost = False  # RUNNING never came; a resolve said the machine runs there
         self.live_bytes = 0
         self.live_time = 0.0
         self.throttle = 0.0
@@ -360,6 +361,7 @@ class Source:
             self.state = SourceState.SWITCHOVER  # the destination discarded: safe to resume
             raise MigrationError("COMMIT never reached the destination, which discarded its "
                                  "copy", self.stats) from lost
+        self.running_lost = True  # and the REPORT that follows RUNNING with it
 
     def _resolve(self) -> bool | None:
         """Ask the destination, on a new connection, whether COMMIT arrived (None: no answer)."""
@@ -382,7 +384,8 @@ class Source:
         s = self.stats
         s.bandwidth = s.bytes_sent / (s.total_ms / 1000) if s.total_ms else 0.0
         first_dest: float | None = None
-        if self.session is not None and hello_mod.FEATURE_REPORT in self.session.features:
+        if (self.session is not None and hello_mod.FEATURE_REPORT in self.session.features
+                and not self.running_lost):
             try:
                 assert self.ret is not None
                 rec = self.ret.expect(RecordType.REPORT, time.monotonic() + 5)
