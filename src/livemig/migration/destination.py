@@ -144,9 +144,13 @@ class Destination:
         self._release_views()
         self.stats.error = str(e)
         if self.state is DestState.READY:
+            asked = self.outcomes.get(self.sess.id) is False  # a resolve question came first
             self.outcomes.decide(self.sess.id, False)
             self.state = DestState.DISCARDED
-            if not isinstance(e, InternalError):
+            if asked:
+                e = MigrationError("the source asked whether COMMIT had come, and it had not: "
+                                   "the destination discarded its copy")
+            elif not isinstance(e, InternalError):
                 e = type(e)(f"{e}; READY was sent but COMMIT never came: the destination "
                             "discarded its copy")
             self.stats.error = str(e)

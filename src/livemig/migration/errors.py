@@ -49,6 +49,10 @@ class Timeout(ConnectionLost):
     """The peer sent or took nothing for longer than allowed (a stalled or idle link)."""
 
 
+class SwitchoverTimeout(Timeout):
+    """The guest stayed paused for the whole switch-over limit without READY: given up."""
+
+
 class Cancelled(MigrationError):
     """The migration was cancelled on request; the source machine keeps running."""
 

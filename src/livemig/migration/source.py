@@ -34,6 +34,7 @@ from livemig.migration.errors import (
     CommitUnconfirmed,
     ConnectionLost,
     MigrationError,
+    SwitchoverTimeout,
 )
 from livemig.migration.gap import guest_gap_ms
 from livemig.migration.options import MigrationOptions
@@ -166,13 +167,13 @@ class Source:
             return
         self.state = SourceState.CANCELLED if isinstance(e, Cancelled) else SourceState.FAILED
         self.stats.status = self.state.value
-        if not isinstance(e, ConnectionLost):
+        self._restore_source()  # first: nothing runs at the destination without COMMIT
+        if not isinstance(e, ConnectionLost) or isinstance(e, SwitchoverTimeout):
             try:
                 self.main.send(RecordType.ABORT, str(e).encode()[:4096],
                                deadline=time.monotonic() + ABORT_GRACE)
             except MigrationError:
                 pass
-        self._restore_source()
 
     def _restore_source(self) -> None:
         try:
@@ -227,7 +228,7 @@ class Source:
             self._switchover_timeout()
 
     def _switchover_timeout(self) -> None:
-        raise ConnectionLost(
+        raise SwitchoverTimeout(
             f"switch-over did not finish within {self.opts.switchover_limit_s():.1f} s "
             "(link stalled?): aborted before COMMIT"
         )
