@@ -183,6 +183,7 @@ class Destination:
         if isinstance(limit, int | float) and 0 < limit < 3_600_000:
             self.switchover_s = limit / 1000
         self.stats.mode = str(d.get("mode", ""))
+        self.sess.codecs.configure(d.get("codecs"))
         self.machine = self.build(cfg)
         self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)

@@ -87,7 +87,7 @@ class BatchEncoder:
         for codec in self.codecs.codecs:
             if not todo.any():
                 break
-            c = codec.claim(pages, todo, self.codecs.state[codec.id])
+            c = codec.claim(idx, pages, todo, self.codecs.state[codec.id])
             if not c.mask.any():
                 continue
             todo &= ~c.mask
@@ -174,6 +174,9 @@ class RamPlacer:
 
     def zero(self, idx: np.ndarray) -> None:
         self.ram[idx] = 0
+
+    def current(self, idx: np.ndarray) -> np.ndarray:
+        return self.ram[idx]
 
     def store(self, idx: np.ndarray, data: np.ndarray) -> None:
         first = int(idx[0])

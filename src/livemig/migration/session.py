@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from livemig.migration import handshake
 from livemig.migration import hello as hello_mod
 from livemig.migration.channels import Channel, Role
-from livemig.migration.codecs import SUPPORTED, CodecSet
+from livemig.migration.codecs import SUPPORTED, CodecSet, offered
 from livemig.migration.errors import ProtocolError
+from livemig.migration.options import MigrationOptions
 from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats
 from livemig.migration.wire import RecordType
@@ -48,19 +49,20 @@ class Session:
             c.close()
 
 
-def offer(verify_memory: bool) -> hello_mod.Hello:
-    """What a source proposes: every codec it has, the features it wants."""
-    o = hello_mod.Hello(encodings=list(SUPPORTED))
-    if not verify_memory:
+def offer(opts: MigrationOptions) -> hello_mod.Hello:
+    """What a source proposes: the codecs its options ask for, the features it wants."""
+    o = hello_mod.Hello(encodings=offered(opts))
+    if not opts.verify_memory:
         o.features.remove(hello_mod.FEATURE_VERIFY)
     return o
 
 
 def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
-                redial: Redial | None, deadline: float | None) -> Session:
+                redial: Redial | None, deadline: float | None,
+                opts: MigrationOptions | None = None) -> Session:
     """Run the hello on `main` (and on a RETURN connection when `main` is not duplex)."""
     welcome = handshake.client(main, proposal, sec, deadline)
-    codecs = CodecSet(welcome.encodings)
+    codecs = CodecSet(welcome.encodings, opts)
     if codecs.missing():
         raise ProtocolError(f"destination does not accept {', '.join(codecs.missing())} pages")
     sid = welcome.session or b""
@@ -77,12 +79,14 @@ def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
                    sec.describe())
 
 
-def open_file_writer(main: Channel, proposal: hello_mod.Hello) -> Session:
+def open_file_writer(main: Channel, proposal: hello_mod.Hello,
+                     opts: MigrationOptions | None = None) -> Session:
     """A one-way session into a snapshot file: the HELLO says what the file holds."""
     proposal.min_version = proposal.max_version
     proposal.features = []
     main.send(RecordType.HELLO, proposal.encode())
-    return Session(b"", proposal.max_version, [], CodecSet(proposal.encodings), main, None)
+    return Session(b"", proposal.max_version, [], CodecSet(proposal.encodings, opts), main,
+                   None)
 
 
 def open_file_reader(main: Channel) -> Session:

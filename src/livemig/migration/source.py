@@ -155,6 +155,7 @@ class Source:
         if self.session is not None:
             self.session.record_channels()
             self.stats.channels = self.session.stats.channels
+            self.stats.codec_counters = self.session.codecs.stats()
 
     def _fail(self, e: MigrationError) -> None:
         """Leave the source as it must be after `e`, and record why."""
@@ -189,13 +190,13 @@ class Source:
     # -- setup ----------------------------------------------------------------------------
 
     def _negotiate(self) -> None:
-        proposal = session.offer(self.opts.verify_memory)
+        proposal = session.offer(self.opts)
         deadline = time.monotonic() + HELLO_TIMEOUT
         if self.to_file:
-            self.session = session.open_file_writer(self.main, proposal)
+            self.session = session.open_file_writer(self.main, proposal, self.opts)
         else:
             self.session = session.open_source(self.main, self.security, proposal, self.redial,
-                                               deadline)
+                                               deadline, self.opts)
             self.ret = ReturnPath(self.session.back or self.main)
             self.ret.start()
             if (self.opts.verify_memory
@@ -211,6 +212,7 @@ class Source:
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
                "mode": self.opts.mode.value,
                "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
+               "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
         self.send(RecordType.CONFIG, records.pack(cfg))
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)

@@ -66,6 +66,7 @@ class MigrationStats:
     rounds: list[RoundStats] = field(default_factory=list)
     bytes_sent: int = 0
     codec_bytes: dict[str, int] = field(default_factory=dict)
+    codec_counters: dict[str, dict[str, int]] = field(default_factory=dict)  # cache hits, ...
     channels: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirty_rate: float = 0.0  # pages/s dirtied, last live round
     bandwidth: float = 0.0  # bytes/s, whole migration
@@ -109,8 +110,8 @@ class MigrationStats:
             "rounds": len(self.rounds),
             "bytes_sent": self.bytes_sent,
             "pages": pages,
-            "codecs": {k: {"pages": v, "bytes": self.codec_bytes.get(k, 0)}
-                       for k, v in pages.items()},
+            "codecs": {k: {"pages": v, "bytes": self.codec_bytes.get(k, 0),
+                           **self.codec_counters.get(k, {})} for k, v in pages.items()},
             "channels": self.channels,
             "machines": {"machine": {"pages": sum(pages.values()),
                                      "bytes_sent": self.bytes_sent}},

@@ -12,6 +12,8 @@ from typing import Any
 from livemig.migration.codecs.base import Claim, Codec, PagePlacer, as_pages
 from livemig.migration.codecs.raw import RawCodec
 from livemig.migration.codecs.zero import ZeroCodec
+from livemig.migration.errors import ProtocolError
+from livemig.migration.options import MigrationOptions
 
 REGISTRY: list[Codec] = [ZeroCodec(), RawCodec()]
 BY_NAME = {c.name: c for c in REGISTRY}
@@ -20,14 +22,48 @@ SUPPORTED = [c.name for c in REGISTRY]
 REQUIRED = ("zero", "raw")  # every session has these; others are negotiated
 
 
-class CodecSet:
-    """The codecs a session negotiated, with each one's per-session state."""
+def offered(opts: MigrationOptions) -> list[str]:
+    """The codecs a source offers for a migration with `opts`."""
+    return [c.name for c in REGISTRY if c.enabled(opts)]
 
-    def __init__(self, names: Iterable[str]) -> None:
+
+class CodecSet:
+    """The codecs a session negotiated, with each one's per-session state.
+
+    The source makes it with its options (`opts`); the destination without, and then calls
+    `configure` with what CONFIG carried under `codecs`.
+    """
+
+    def __init__(self, names: Iterable[str], opts: MigrationOptions | None = None) -> None:
         chosen = set(names)
         self.codecs = [c for c in REGISTRY if c.name in chosen]
         self.by_id = {c.id: c for c in self.codecs}
-        self.state: dict[int, Any] = {c.id: c.new_state() for c in self.codecs}
+        self.state: dict[int, Any] = {c.id: c.new_state(opts, None) for c in self.codecs}
+
+    def params(self) -> dict[str, dict[str, Any]]:
+        """Source: each codec's parameters for the destination (CONFIG `codecs`)."""
+        out = {}
+        for c in self.codecs:
+            p = c.params(self.state[c.id])
+            if p is not None:
+                out[c.name] = p
+        return out
+
+    def configure(self, params: object) -> None:
+        """Destination: per-codec state from CONFIG's `codecs` map; ProtocolError if bad."""
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ProtocolError("CONFIG record: codecs is not a map")
+        for c in self.codecs:
+            p = params.get(c.name)
+            if p is not None and not isinstance(p, dict):
+                raise ProtocolError(f"CONFIG record: parameters of codec {c.name} are not a map")
+            self.state[c.id] = c.new_state(None, p)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Codec-specific counters, by codec name (only codecs that keep any)."""
+        return {c.name: st for c in self.codecs if (st := c.stats(self.state[c.id]))}
 
     @property
     def names(self) -> list[str]:
@@ -39,4 +75,4 @@ class CodecSet:
 
 
 __all__ = ["BY_ID", "BY_NAME", "Claim", "Codec", "CodecSet", "PagePlacer", "REGISTRY",
-           "SUPPORTED", "as_pages"]
+           "SUPPORTED", "as_pages", "offered"]

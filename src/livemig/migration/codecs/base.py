@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from livemig.contract import PAGE_SIZE
+from livemig.migration.options import MigrationOptions
 
 
 class PagePlacer(Protocol):
@@ -27,6 +28,10 @@ class PagePlacer(Protocol):
 
     def store(self, idx: np.ndarray, data: np.ndarray) -> None:
         """Pages `idx` get `data` ((n, PAGE_SIZE) uint8, one row per page)."""
+
+    def current(self, idx: np.ndarray) -> np.ndarray:
+        """A copy of what pages `idx` hold now ((n, PAGE_SIZE)): the base of a delta, the
+        target of a reference."""
 
 
 @dataclass
@@ -44,14 +49,28 @@ class Codec(ABC):
     id: int
     name: str
 
-    def new_state(self) -> Any:
-        """Per-session state of this codec (None when it keeps none)."""
+    def enabled(self, opts: MigrationOptions) -> bool:
+        """Source: whether to offer this codec for a migration with `opts` (the required
+        codecs always; the others when the user asked for them)."""
+        return True
+
+    def new_state(self, opts: MigrationOptions | None, params: dict[str, Any] | None) -> Any:
+        """Per-session state (None when it keeps none). The source passes its options; the
+        destination passes what the source's `params` sent in CONFIG."""
         return None
 
+    def params(self, state: Any) -> dict[str, Any] | None:
+        """Source: what the destination's state needs (sent in CONFIG under `codecs`)."""
+        return None
+
+    def stats(self, state: Any) -> dict[str, int]:
+        """Codec-specific counters for MigrationStats (cache hits, misses, ...)."""
+        return {}
+
     @abstractmethod
-    def claim(self, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
-        """Source: encode those of `pages` ((n, PAGE_SIZE), a private copy or frozen RAM)
-        still `todo` (bool per page) that this codec takes."""
+    def claim(self, idx: np.ndarray, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
+        """Source: encode those of `pages` ((n, PAGE_SIZE), a private copy or frozen RAM; page
+        numbers `idx`) still `todo` (bool per page) that this codec takes."""
 
     @abstractmethod
     def check(self, lens: np.ndarray) -> str | None:

@@ -14,7 +14,7 @@ class RawCodec(Codec):
     id = 1
     name = "raw"
 
-    def claim(self, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
+    def claim(self, idx: np.ndarray, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
         n = int(np.count_nonzero(todo))
         data = pages if n == len(pages) else pages[todo]
         lens = np.full(n, PAGE_SIZE, dtype=np.uint32)

@@ -14,7 +14,7 @@ class ZeroCodec(Codec):
     id = 0
     name = "zero"
 
-    def claim(self, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
+    def claim(self, idx: np.ndarray, pages: np.ndarray, todo: np.ndarray, state: Any) -> Claim:
         mask = todo & ~nonzero_in(pages)
         return Claim(mask, np.zeros(int(np.count_nonzero(mask)), dtype=np.uint32))
 
