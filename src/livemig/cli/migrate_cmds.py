@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from livemig.cli.migration_control import outcome_line, register_migration_controls
-from livemig.cli.options import CONTROL_HELP, RATE, BadInput, check_target
+from livemig.cli.options import CONTROL_HELP, RATE, SIZE, BadInput, check_target
 from livemig.cli.process import serve_machine
 from livemig.cli.runner import (
     MachineHost,
@@ -175,11 +175,21 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.option("--switchover-timeout", "switchover_timeout", type=click.FloatRange(0.1, 3600),
               default=None, help="seconds the guest may stay paused before READY; past it the "
               "source aborts and resumes [max(5, 10 x max-downtime)]")
+@click.option("--compress", type=click.Choice(["zstd", "lz4", "auto"]), default=None,
+              help="compress page batches (auto: only while the link is the bottleneck)")
+@click.option("--xbzrle", is_flag=True, help="send a page sent before as a delta against it")
+@click.option("--xbzrle-cache", "xbzrle_cache", type=SIZE, default="64M", show_default=True,
+              help="memory for the previous copies (1M = 2^20 bytes)")
+@click.option("--dedup", is_flag=True, help="send a page whose content went already as a "
+              "reference (keyed BLAKE3)")
+@click.option("--streams", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="page channels, each with its own thread")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
 def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
-                verify_memory: bool, switchover_timeout: float | None, as_json: bool,
+                verify_memory: bool, switchover_timeout: float | None, compress: str | None,
+                xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
@@ -188,7 +198,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
     reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
                     max_bandwidth=max_bandwidth, max_rounds=max_rounds,
                     auto_converge=auto_converge, verify_memory=verify_memory,
-                    switchover_timeout_s=switchover_timeout, **auth)
+                    switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
+                    xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())

@@ -25,6 +25,7 @@ from livemig.migration.channels import Channel, Role
 from livemig.migration.resolve import ask
 from livemig.migration.security import Security
 from livemig.migration.transport import dial, parse_address
+from livemig.units import parse_size
 
 FINAL_STATUS_WAIT = 5.0  # seconds a migrated-away host waits for its final stats to be read
 
@@ -152,11 +153,31 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
             opts.switchover_timeout_s = float(req["switchover_timeout_s"])
         if req.get("commit_timeout_s") is not None:
             opts.commit_timeout_s = float(req["commit_timeout_s"])
+        _wire_options(opts, req)
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:
         raise ControlError("max_rounds must be >= 1 and max_downtime_ms > 0")
     return opts
+
+
+COMPRESSIONS = ("zstd", "lz4", "auto")
+
+
+def _wire_options(opts: MigrationOptions, req: dict[str, Any]) -> None:
+    """--compress, --xbzrle, --xbzrle-cache, --dedup, --streams from a request."""
+    compress = req.get("compress")
+    if compress is not None and compress not in COMPRESSIONS:
+        raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}")
+    opts.compress = compress
+    opts.xbzrle = bool(req.get("xbzrle", False))
+    if req.get("xbzrle_cache") is not None:
+        cache = req["xbzrle_cache"]
+        opts.xbzrle_cache = parse_size(cache) if isinstance(cache, str) else int(cache)
+    opts.dedup = bool(req.get("dedup", False))
+    opts.streams = int(req.get("streams", 1))
+    if not 1 <= opts.streams <= 16:
+        raise ValueError("streams must be 1..16")
 
 
 def register_migration_controls(host: MachineHost) -> None:

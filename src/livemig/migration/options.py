@@ -31,6 +31,12 @@ class MigrationOptions:
     # A round "shrinks" when it leaves fewer than this fraction of the previous round's pages.
     shrink_ratio: float = 0.95
     commit_timeout_s: float = 30.0  # how long RUNNING may take to come back after COMMIT
+    # Wire efficiency (each offered in the hello only when asked for; docs/protocol.md).
+    compress: str | None = None  # zstd, lz4 or auto (compress only when the link is the limit)
+    xbzrle: bool = False  # a page sent again goes as a delta against its previous copy
+    xbzrle_cache: int = 64 << 20  # bytes of previous copies the source keeps
+    dedup: bool = False  # a page whose content was already sent goes as a reference
+    streams: int = 1  # page channels (multifd)
     switchover_timeout_s: float | None = None  # pause to READY; None: derived, see below
 
     def switchover_limit_s(self) -> float:
