@@ -385,3 +385,38 @@ def test_unix_channel_carries_file_descriptors() -> None:
         os.close(f)
     left.close()
     right.close()
+
+
+@pytest.mark.parametrize("kind", ["psk", "tls"])
+@pytest.mark.parametrize("mode", ["precopy", "stop-copy"])
+def test_page_streams(kind: str, mode: str, pki: dict[str, Security]) -> None:
+    """--streams 4: batches on four page connections, placed in order, with a writer."""
+    from livemig.migration import Mode
+    from test_migrate_engine import Guest
+
+    sec = Security(key=KEY) if kind == "psk" else pki["a"]
+    dst = Dst(Security(key=KEY) if kind == "psk" else pki["b"])
+    src = source(32 << 20)
+    g = Guest(src, np.arange(0, len(src.memory.pages), 3))
+    time.sleep(0.05)
+    stats = send(src, dst, sec, streams=4, mode=Mode(mode))
+    g.stop.set()
+    res = dst.result()
+    assert res.error is None and res.machine is not None, res.error
+    assert np.array_equal(res.machine.memory.pages, src.memory.pages)
+    assert stats.verified_memory
+    assert {f"pages-{i}" for i in range(4)} <= set(stats.channels)
+    assert all(stats.channels[f"pages-{i}"]["bytes_sent"] > 0 for i in range(4))
+    dst.close()
+
+
+def test_page_streams_need_the_listener() -> None:
+    """A bare `receive` (no listener to take extra connections) refuses page streams."""
+    from test_migrate_engine import Dest, connect
+    d = Dest()
+    src = source(8 << 20)
+    with pytest.raises(MigrationError):
+        migrate(src, connect(d.addr), MigrationOptions(streams=2),
+                redial=lambda role: dial(Address("127.0.0.1", d.addr[1]), Security(), role))
+    d.join()
+    assert src.running

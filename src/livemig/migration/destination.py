@@ -43,14 +43,16 @@ from livemig.migration.resolve import Outcomes
 from livemig.migration.security import Security
 from livemig.migration.session import Session
 from livemig.migration.stats import MigrationStats, RoundStats
+from livemig.migration.streams import DestStreams
 from livemig.migration.verify import VerifyTable
-from livemig.migration.wire import Record, RecordType
+from livemig.migration.wire import MAX_PAYLOAD, Record, RecordType
 from livemig.probe import ProbeKind
 
 FIRST_HEARTBEAT_WAIT = 2.0  # seconds the destination waits for the guest's first heartbeat
 IDLE_TIMEOUT = 60.0  # seconds without a record before an incoming migration is given up
 COMMIT_MARGIN = 2.0  # seconds READY waits for COMMIT beyond the source's switch-over limit
 DEFAULT_SWITCHOVER_S = 30.0
+MAX_STREAMS = 16
 
 
 class DestState(enum.Enum):
@@ -80,8 +82,11 @@ class Destination:
     """Receives one incoming migration of a negotiated session."""
 
     def __init__(self, sess: Session, build: Callable[[MachineConfig], Machine],
-                 outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT,
+                 join: Callable[[str], Channel] | None = None) -> None:
         self.sess = sess
+        self.join = join  # takes an extra connection of the session by label (page streams)
+        self.streams: DestStreams | None = None
         self.build = build
         self.outcomes = outcomes or Outcomes()
         self.idle_timeout = idle_timeout
@@ -165,7 +170,11 @@ class Destination:
         return e
 
     def _release_views(self) -> None:
-        """Drop every view of guest RAM, so that closing the machine frees it."""
+        """Stop the page streams and drop every view of guest RAM, so that closing the
+        machine frees it."""
+        if self.streams is not None:
+            self.streams.close()
+            self.streams = None
         if self.prefault is not None:
             self.prefault.stop()
             self.prefault = None
@@ -190,7 +199,15 @@ class Destination:
         self.placer = pages_mod.RamPlacer(self.ram)
         if hello.FEATURE_VERIFY in self.sess.features:
             self.verify = VerifyTable(len(self.ram))
+        nstreams = d.get("streams", 1)
+        if not isinstance(nstreams, int) or not 1 <= nstreams <= MAX_STREAMS:
+            raise ProtocolError(f"CONFIG record: streams must be 1..{MAX_STREAMS}")
+        if nstreams > 1 and (self.join is None
+                             or hello.FEATURE_STREAMS not in self.sess.features):
+            raise ProtocolError("page streams were not negotiated")
         self._send(RecordType.CONFIG_OK)
+        if nstreams > 1:
+            self._open_streams(nstreams)
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
@@ -207,16 +224,37 @@ class Destination:
         if runs:
             self.prefault = Prefaulter(self.machine.memory.view(), runs)
 
-    def _on_pages(self, rec: Record) -> None:
-        assert self.ram is not None and self.placer is not None
-        batch = pages_mod.decode(rec.payload, len(self.ram), self.sess.codecs)
+    def _open_streams(self, n: int) -> None:
+        assert self.join is not None
+        self.sess.pages = [self.join(f"pages-{i}") for i in range(n)]
+        for c in self.sess.pages:
+            c.set_limit(MAX_PAYLOAD)
+        self.streams = DestStreams(self.sess.pages, self._decode, self._place)
+
+    def _decode(self, payload: memoryview) -> pages_mod.DecodedBatch:
+        assert self.ram is not None
+        batch = pages_mod.decode(payload, len(self.ram), self.sess.codecs)
+        self.round.bytes_sent += len(payload) + 16
+        return batch
+
+    def _place(self, batch: pages_mod.DecodedBatch) -> None:
+        assert self.placer is not None
         pages_mod.apply(batch, self.sess.codecs, self.placer)
         for codec in self.sess.codecs.codecs:
             self.round.add(codec.name, batch.count(codec.id))
-        self.round.bytes_sent += len(rec.payload) + 16
+
+    def _on_pages(self, rec: Record) -> None:
+        if self.streams is not None:
+            raise ProtocolError("PAGES on the main channel of a session with page streams")
+        self._place(self._decode(rec.payload))
 
     def _on_round_end(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "ROUND_END", ("round",))
+        if self.streams is not None:
+            batches = d.get("batches")
+            if not isinstance(batches, int) or batches < 0:
+                raise ProtocolError("ROUND_END record of a streamed session lacks batches")
+            self.streams.wait_placed(batches, time.monotonic() + self.idle_timeout)
         self.stats.rounds.append(self.round)
         self.stats.bytes_sent += self.round.bytes_sent
         if hello.FEATURE_ROUND_ACK in self.sess.features:
@@ -310,9 +348,10 @@ def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Mach
     """
     chan = sock if isinstance(sock, Channel) else SocketChannel(sock)
     sec = security or Security.insecure()
+    mine = hello.Hello(encodings=list(SUPPORTED))
+    mine.features.remove(hello.FEATURE_STREAMS)  # no listener to take extra connections
     try:
-        _offer, chosen = handshake.server(chan, hello.Hello(encodings=list(SUPPORTED)), sec,
-                                          time.monotonic() + hello_timeout)
+        _offer, chosen = handshake.server(chan, mine, sec, time.monotonic() + hello_timeout)
     except MigrationError as e:
         refuse(chan, e)
         raise

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from livemig.contract import Machine, MachineConfig
 from livemig.migration import handshake, hello, resolve
@@ -31,14 +31,37 @@ HELLO_TIMEOUT = 10.0
 HELLO_LIMIT = 64 << 10
 MAX_PENDING = 16
 JOIN_TIMEOUT = 10.0
+MAX_STREAMS = 16
 
 
 @dataclass
 class _Active:
-    """An incoming migration in progress: its main channel and where its RETURN joins."""
+    """An incoming migration in progress: its main channel, and the extra connections
+    (RETURN, `pages-N`) that joined it, by label, until the Destination takes them."""
 
     main: Channel
-    joins: queue.Queue[Channel]
+    joins: dict[str, queue.Queue[Channel]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _queue(self, label: str) -> queue.Queue[Channel]:
+        with self.lock:
+            return self.joins.setdefault(label, queue.Queue(maxsize=1))
+
+    def put(self, label: str, chan: Channel) -> None:
+        try:
+            self._queue(label).put_nowait(chan)
+        except queue.Full:
+            chan.close()
+            raise ProtocolError(f"a second {label} connection for one migration") from None
+
+    def take(self, label: str, timeout: float) -> Channel:
+        """The connection `label` once it has joined; MigrationError after `timeout`."""
+        try:
+            chan = self._queue(label).get(timeout=timeout)
+        except queue.Empty:
+            raise MigrationError(f"the source never opened its {label} connection") from None
+        chan.label = label
+        return chan
 
 
 @dataclass
@@ -136,13 +159,13 @@ class Listener:
         assert chosen.session is not None
         if offer.role == Role.MAIN.value:
             self._receive(chan, chosen, peer)
-        elif offer.role == Role.RETURN.value:
+        elif offer.role == Role.RETURN.value or _is_stream(offer.role):
             with self._lock:
                 active = self._active.get(chosen.session)
             if active is None:
                 chan.close()
-                raise ProtocolError("a return connection for no migration in progress")
-            active.joins.put(chan)
+                raise ProtocolError(f"a {offer.role} connection for no migration in progress")
+            active.put(offer.role, chan)
         elif offer.role == Role.RESOLVE.value:
             self._resolve(chan, chosen.session, peer)
         else:
@@ -169,15 +192,16 @@ class Listener:
             refuse(chan, MigrationError("this destination is busy with another machine"))
             chan.close()
             return
-        active = _Active(chan, queue.Queue())
+        active = _Active(chan)
         with self._lock:
             self._active[chosen.session] = active
-        back: Channel | None = None
+        sess: Session | None = None
         try:
-            back = chan if chan.duplex else active.joins.get(timeout=JOIN_TIMEOUT)
+            back = chan if chan.duplex else active.take(Role.RETURN.value, JOIN_TIMEOUT)
             sess = Session(chosen.session, chosen.min_version, chosen.features,
                            CodecSet(chosen.encodings), chan, back, self.security.describe())
-            dest = Destination(sess, self.build, self.outcomes)
+            dest = Destination(sess, self.build, self.outcomes,
+                               join=lambda label: active.take(label, JOIN_TIMEOUT))
             try:
                 machine, stats = dest.run()
             except MigrationError as e:
@@ -185,17 +209,20 @@ class Listener:
                 return
             self.accepting_machines = False
             self.results.put(Incoming(peer, machine, stats))
-        except queue.Empty:
-            self.results.put(Incoming(peer, None, MigrationStats(status="failed"),
-                                      MigrationError("the source never opened its return "
-                                                     "connection")))
+        except MigrationError as e:
+            self.results.put(Incoming(peer, None, MigrationStats(status="failed"), e))
         finally:
             with self._lock:
                 del self._active[chosen.session]
-            chan.close()
-            if back is not None:
-                back.close()
+            for c in sess.channels() if sess is not None else [chan]:
+                c.close()
             self._busy.release()
+
+
+def _is_stream(role: str) -> bool:
+    """`pages-0` .. `pages-15`."""
+    name, _, n = role.partition("-")
+    return name == Role.PAGES.value and n.isdigit() and int(n) < MAX_STREAMS
 
 
 def _peer_name(addr: object) -> str:

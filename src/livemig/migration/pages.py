@@ -18,6 +18,7 @@ negotiated in the hello may appear.
 
 from __future__ import annotations
 
+import queue
 import struct
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import numpy as np
 from livemig.contract import PAGE_SIZE
 from livemig.migration.codecs import CodecSet, PagePlacer
 from livemig.migration.errors import ProtocolError
+from livemig.migration.wire import HEADER_SIZE
 
 MAX_BATCH = 512  # pages per PAGES record (2 MiB of raw data; measured best of 256..1024)
 _HEAD = struct.Struct("<II")
@@ -46,44 +48,54 @@ class EncodedBatch:
     pages: int
     by_codec: dict[str, int] = field(default_factory=dict)
     bytes_by_codec: dict[str, int] = field(default_factory=dict)
+    buffer: np.ndarray | None = None  # the encoder's buffer behind `data`, until released
+
+    @property
+    def wire_size(self) -> int:
+        """Bytes of the PAGES record on the wire, header included."""
+        return HEADER_SIZE + len(self.meta) + sum(memoryview(d).nbytes for d in self.data)
 
 
 class BatchEncoder:
     """Copies pages out of live RAM into a private buffer and encodes them.
 
     The copy is taken first so that the CRC and the bytes sent are of the same snapshot even
-    while the guest keeps writing (the page is dirty again then, and will be re-sent).
+    while the guest keeps writing (the page is dirty again then, and will be re-sent). With
+    `buffers` > 1 several encoded batches may be in flight (page streams); each holds its
+    buffer until `release`.
     """
 
-    def __init__(self, ram_pages: np.ndarray, codecs: CodecSet) -> None:
+    def __init__(self, ram_pages: np.ndarray, codecs: CodecSet, buffers: int = 1) -> None:
         self.ram = ram_pages
         self.codecs = codecs
-        self._buf = np.empty((MAX_BATCH, PAGE_SIZE), dtype=np.uint8)
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for _ in range(buffers):
+            self._free.put(np.empty((MAX_BATCH, PAGE_SIZE), dtype=np.uint8))
 
-    def _pages(self, idx: np.ndarray, frozen: bool) -> np.ndarray:
+    def release(self, batch: EncodedBatch) -> None:
+        """The batch is on the wire: its buffer may be reused."""
+        if batch.buffer is not None:
+            self._free.put(batch.buffer)
+            batch.buffer = None
+
+    def _pages(self, idx: np.ndarray, frozen: bool) -> tuple[np.ndarray, np.ndarray | None]:
         n = len(idx)
         first = int(idx[0])
         run = int(idx[-1]) - first == n - 1 and is_run(idx)
         if run and frozen:  # paused guest: nothing can change between CRC and send
-            return self.ram[first : first + n]
-        copy = self._buf[:n]
+            return self.ram[first : first + n], None
+        buf = self._free.get()
+        copy = buf[:n]
         if run:
             copy[:] = self.ram[first : first + n]  # one memcpy for a run of pages
         else:
             np.take(self.ram, idx, axis=0, out=copy)
-        return copy
+        return copy, buf
 
-    def encode(self, idx: np.ndarray, frozen: bool = False) -> EncodedBatch:
-        """Encode pages `idx` (at most MAX_BATCH); `frozen` says the guest is paused."""
-        n = len(idx)
-        if not 0 < n <= MAX_BATCH:
-            raise ValueError(f"batch of {n} pages")
-        pages = self._pages(idx, frozen)
-        todo = np.ones(n, dtype=bool)
-        ids = np.zeros(n, dtype=np.uint8)
-        lens = np.zeros(n, dtype=np.uint32)
-        groups: dict[int, list[bytes | memoryview]] = {}
-        out = EncodedBatch(b"", [], n)
+    def _claim(self, idx: np.ndarray, pages: np.ndarray, todo: np.ndarray, out: EncodedBatch,
+               ids: np.ndarray, lens: np.ndarray,
+               groups: dict[int, list[bytes | memoryview]]) -> None:
+        """Let each codec in turn take its pages of the batch."""
         for codec in self.codecs.codecs:
             if not todo.any():
                 break
@@ -98,6 +110,23 @@ class BatchEncoder:
             out.bytes_by_codec[codec.name] = int(c.lens.sum(dtype=np.uint64))
         if todo.any():
             raise ValueError("no negotiated codec took some pages (raw must be last)")
+
+    def encode(self, idx: np.ndarray, frozen: bool = False) -> EncodedBatch:
+        """Encode pages `idx` (at most MAX_BATCH); `frozen` says the guest is paused."""
+        n = len(idx)
+        if not 0 < n <= MAX_BATCH:
+            raise ValueError(f"batch of {n} pages")
+        pages, buf = self._pages(idx, frozen)
+        todo = np.ones(n, dtype=bool)
+        ids = np.zeros(n, dtype=np.uint8)
+        lens = np.zeros(n, dtype=np.uint32)
+        groups: dict[int, list[bytes | memoryview]] = {}
+        out = EncodedBatch(b"", [], n, buffer=buf)
+        try:
+            self._claim(idx, pages, todo, out, ids, lens, groups)
+        except BaseException:
+            self.release(out)
+            raise
         meta = bytearray(meta_size(n))
         _HEAD.pack_into(meta, 0, n, 0)
         o = _HEAD.size

@@ -35,14 +35,18 @@ class Session:
     back: Channel | None  # where the destination answers; None for a one-way (file) session
     security: str = "none"
     stats: MigrationStats = field(default_factory=MigrationStats)
+    pages: list[Channel] = field(default_factory=list)  # page streams (`--streams N`)
 
     def channels(self) -> list[Channel]:
-        return [c for i, c in enumerate((self.main, self.back))
-                if c is not None and c not in (self.main, self.back)[:i]]
+        out: list[Channel] = []
+        for c in (self.main, self.back, *self.pages):
+            if c is not None and all(c is not o for o in out):
+                out.append(c)
+        return out
 
     def record_channels(self) -> None:
         """Copy each channel's figures into the stats."""
-        self.stats.channels = {c.role.value: c.stats() for c in self.channels()}
+        self.stats.channels = {c.label: c.stats() for c in self.channels()}
 
     def close(self) -> None:
         for c in self.channels():
@@ -66,17 +70,28 @@ def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
     if codecs.missing():
         raise ProtocolError(f"destination does not accept {', '.join(codecs.missing())} pages")
     sid = welcome.session or b""
-    back = main
+    sess = Session(sid, welcome.min_version, welcome.features, codecs, main, main,
+                   sec.describe())
     if not main.duplex:
         if redial is None:
             raise ProtocolError(f"a {main.kind} session needs a return connection")
-        back = redial(Role.RETURN)
-        join = hello_mod.Hello(proposal.min_version, proposal.max_version,
-                               list(welcome.features), list(welcome.encodings),
-                               role=Role.RETURN.value, session=sid)
-        handshake.client(back, join, sec, deadline)
-    return Session(sid, welcome.min_version, welcome.features, codecs, main, back,
-                   sec.describe())
+        sess.back = join(sess, proposal, redial, Role.RETURN, Role.RETURN.value, sec, deadline)
+    return sess
+
+
+def join(sess: Session, proposal: hello_mod.Hello, redial: Redial, role: Role, label: str,
+         sec: Security, deadline: float | None) -> Channel:
+    """Open one more connection of `sess` (its hello names the session and `label`)."""
+    chan = redial(role)
+    chan.label = label
+    hello = hello_mod.Hello(proposal.min_version, proposal.max_version, list(sess.features),
+                            sess.codecs.names, role=label, session=sess.id)
+    try:
+        handshake.client(chan, hello, sec, deadline)
+    except BaseException:
+        chan.close()
+        raise
+    return chan
 
 
 def open_file_writer(main: Channel, proposal: hello_mod.Hello,

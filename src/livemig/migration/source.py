@@ -28,7 +28,7 @@ from livemig.contract import PAGE_SIZE, Machine
 from livemig.extents import runs
 from livemig.migration import hello as hello_mod
 from livemig.migration import records, resolve, scan, session, strategies, verify
-from livemig.migration.channels import Channel, SocketChannel
+from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.errors import (
     Cancelled,
     CommitUnconfirmed,
@@ -38,11 +38,12 @@ from livemig.migration.errors import (
 )
 from livemig.migration.gap import guest_gap_ms
 from livemig.migration.options import MigrationOptions
-from livemig.migration.pages import MAX_BATCH, BatchEncoder
+from livemig.migration.pages import MAX_BATCH, BatchEncoder, EncodedBatch
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import ReturnPath
 from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
+from livemig.migration.streams import SourceStreams
 from livemig.migration.wire import RecordType
 
 SCAN_CHUNK = 32768  # pages scanned for zeroes at a time in the first round (128 MiB)
@@ -88,6 +89,7 @@ class Source:
         self.stats = MigrationStats(mode=opts.mode.value, security=self.security.describe())
         self.session: session.Session | None = None
         self.ret: ReturnPath | None = None
+        self.streams: SourceStreams | None = None
         self.limiter = RateLimiter(None if to_file else opts.max_bandwidth)
         self.ram = np.frombuffer(machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.encoder: BatchEncoder | None = None
@@ -133,6 +135,8 @@ class Source:
             self._fail(err)
             raise err from e
         finally:
+            if self.streams is not None:
+                self.streams.close()
             self._record_channels()
         return self.stats
 
@@ -202,7 +206,8 @@ class Source:
             if (self.opts.verify_memory
                     and hello_mod.FEATURE_VERIFY not in self.session.features):
                 raise MigrationError("destination does not support --verify-memory")
-        self.encoder = BatchEncoder(self.ram, self.session.codecs)
+        self.encoder = BatchEncoder(self.ram, self.session.codecs,
+                                    buffers=1 if self._nstreams() == 1 else 3 * self._nstreams())
         self.stats.session = self.session.id.hex()
         self.state = SourceState.NEGOTIATED
         self.stats.event("negotiated")
@@ -210,13 +215,33 @@ class Source:
     def _configure(self) -> None:
         # "populated": where RAM holds data, a hint for the destination's prefaulting.
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
-               "mode": self.opts.mode.value,
+               "mode": self.opts.mode.value, "streams": self._nstreams(),
                "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
                "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
         self.send(RecordType.CONFIG, records.pack(cfg))
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
+        if self._nstreams() > 1:
+            self._open_streams()
         self.state = SourceState.CONFIGURED
+
+    def _nstreams(self) -> int:
+        return 1 if self.to_file else self.opts.streams
+
+    def _open_streams(self) -> None:
+        """After CONFIG_OK: one connection per page stream, each with its own hello."""
+        assert self.session is not None and self.encoder is not None
+        if hello_mod.FEATURE_STREAMS not in self.session.features:
+            raise MigrationError("destination does not accept page streams (--streams)")
+        if self.redial is None:
+            raise MigrationError("page streams need a destination address to dial")
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        proposal = session.offer(self.opts)
+        for i in range(self.opts.streams):
+            self.session.pages.append(session.join(self.session, proposal, self.redial,
+                                                   Role.PAGES, f"pages-{i}", self.security,
+                                                   deadline))
+        self.streams = SourceStreams(self.session.pages, self.encoder.release)
 
     # -- what strategies use --------------------------------------------------------------
 
@@ -226,6 +251,8 @@ class Source:
             raise Cancelled("migration cancelled; the source machine keeps running")
         if self.ret is not None:
             self.ret.check()
+        if self.streams is not None:
+            self.streams.check()
         if self.deadline is not None and time.monotonic() > self.deadline:
             self._switchover_timeout()
 
@@ -282,8 +309,11 @@ class Source:
                 self._send_pages(nz, rs)
         else:
             self._send_pages(idx, rs)
-        self.send(RecordType.ROUND_END, records.pack({"round": number,
-                                                      "pages": sum(rs.pages.values())}))
+        end: dict[str, int] = {"round": number, "pages": sum(rs.pages.values())}
+        if self.streams is not None:
+            self.streams.flush()
+            end["batches"] = self.streams.sent
+        self.send(RecordType.ROUND_END, records.pack(end))
         rs.duration_ms = (time.monotonic() - t) * 1000
         return rs
 
@@ -292,7 +322,7 @@ class Source:
         for i in range(0, len(idx), MAX_BATCH):
             self.check()
             b = self.encoder.encode(idx[i : i + MAX_BATCH], frozen=self.paused)
-            n = self.send(RecordType.PAGES, b.meta, *b.data)
+            n = self._send_batch(b)
             rs.bytes_sent += n
             for name, count in b.by_codec.items():
                 rs.add(name, count)
@@ -300,6 +330,19 @@ class Source:
                                                 + b.bytes_by_codec[name])
             self.limiter.spent(n)
             self._report(rs, i + b.pages, len(idx))
+
+    def _send_batch(self, b: EncodedBatch) -> int:
+        """One PAGES record: on the main channel, or queued on its page stream."""
+        assert self.encoder is not None
+        if self.streams is None:
+            try:
+                return self.send(RecordType.PAGES, b.meta, *b.data)
+            finally:
+                self.encoder.release(b)
+        n = b.wire_size
+        self.streams.send(b, self.deadline)
+        self.stats.bytes_sent += n
+        return n
 
     def _report(self, rs: RoundStats, done: int, total: int) -> None:
         now = time.monotonic()

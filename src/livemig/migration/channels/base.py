@@ -34,6 +34,7 @@ class Role(enum.Enum):
     MAIN = "main"  # source -> destination: the migration itself
     RETURN = "return"  # destination -> source, when MAIN cannot be read and written at once
     RESOLVE = "resolve"  # a later connection asking whether COMMIT arrived
+    PAGES = "pages"  # source -> destination: page batches of one stream (`pages-N`)
 
 
 class Channel(ABC):
@@ -50,6 +51,7 @@ class Channel(ABC):
     def __init__(self, role: Role, reader_source: Readable | None,
                  limit: int = MAX_PAYLOAD) -> None:
         self.role = role
+        self.label = role.value  # what the stats call it (`pages-2` for a page stream)
         self._wlock = threading.Lock()
         self.reader = RecordReader(reader_source, limit) if reader_source is not None else None
         self.bytes_sent = 0
