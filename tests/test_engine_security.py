@@ -391,8 +391,9 @@ def test_unix_channel_carries_file_descriptors() -> None:
 @pytest.mark.parametrize("mode", ["precopy", "stop-copy"])
 def test_page_streams(kind: str, mode: str, pki: dict[str, Security]) -> None:
     """--streams 4: batches on four page connections, placed in order, with a writer."""
-    from livemig.migration import Mode
     from test_migrate_engine import Guest
+
+    from livemig.migration import Mode
 
     sec = Security(key=KEY) if kind == "psk" else pki["a"]
     dst = Dst(Security(key=KEY) if kind == "psk" else pki["b"])
