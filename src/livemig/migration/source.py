@@ -108,6 +108,7 @@ class Source:
     def run(self) -> MigrationStats:
         """Migrate; returns the stats or raises MigrationError carrying them as `.stats`."""
         self._t0, self._wall0 = time.monotonic(), time.time()
+        self._phase_t = self._t0
         try:
             self._negotiate()
             self._configure()
@@ -138,7 +139,15 @@ class Source:
             if self.streams is not None:
                 self.streams.close()
             self._record_channels()
+            self._close_extra_channels()
         return self.stats
+
+    def _close_extra_channels(self) -> None:
+        """The connections this migration opened besides `main` (which is the caller's)."""
+        if self.session is not None:
+            for c in self.session.channels():
+                if c is not self.main:
+                    c.close()
 
     def _phase(self, name: str) -> None:
         now = time.monotonic()
