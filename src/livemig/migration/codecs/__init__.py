@@ -12,11 +12,12 @@ from typing import Any
 from livemig.migration.codecs.base import Claim, Codec, PagePlacer, as_pages
 from livemig.migration.codecs.dedup import DedupCodec
 from livemig.migration.codecs.raw import RawCodec
+from livemig.migration.codecs.xbzrle import XbzrleCodec
 from livemig.migration.codecs.zero import ZeroCodec
 from livemig.migration.errors import ProtocolError
 from livemig.migration.options import MigrationOptions
 
-REGISTRY: list[Codec] = [DedupCodec(), ZeroCodec(), RawCodec()]
+REGISTRY: list[Codec] = [XbzrleCodec(), DedupCodec(), ZeroCodec(), RawCodec()]
 BY_NAME = {c.name: c for c in REGISTRY}
 BY_ID = {c.id: c for c in REGISTRY}
 SUPPORTED = [c.name for c in REGISTRY]
