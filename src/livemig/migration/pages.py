@@ -95,10 +95,9 @@ class BatchEncoder:
     def _claim(self, idx: np.ndarray, pages: np.ndarray, todo: np.ndarray, out: EncodedBatch,
                ids: np.ndarray, lens: np.ndarray,
                groups: dict[int, list[bytes | memoryview]]) -> None:
-        """Let each codec in turn take its pages of the batch."""
+        """Let each codec in turn take its pages of the batch. Every codec sees every batch,
+        even when earlier ones took all of it: some learn from what is sent (a delta cache)."""
         for codec in self.codecs.codecs:
-            if not todo.any():
-                break
             c = codec.claim(idx, pages, todo, self.codecs.state[codec.id])
             if not c.mask.any():
                 continue
