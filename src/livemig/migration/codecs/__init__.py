@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from livemig.migration.codecs.base import Claim, Codec, PagePlacer, as_pages
+from livemig.migration.codecs.compress import Lz4Codec, ZstdCodec
 from livemig.migration.codecs.dedup import DedupCodec
 from livemig.migration.codecs.raw import RawCodec
 from livemig.migration.codecs.xbzrle import XbzrleCodec
@@ -17,7 +18,8 @@ from livemig.migration.codecs.zero import ZeroCodec
 from livemig.migration.errors import ProtocolError
 from livemig.migration.options import MigrationOptions
 
-REGISTRY: list[Codec] = [XbzrleCodec(), DedupCodec(), ZeroCodec(), RawCodec()]
+REGISTRY: list[Codec] = [XbzrleCodec(), DedupCodec(), ZeroCodec(), ZstdCodec(), Lz4Codec(),
+                         RawCodec()]
 BY_NAME = {c.name: c for c in REGISTRY}
 BY_ID = {c.id: c for c in REGISTRY}
 SUPPORTED = [c.name for c in REGISTRY]
