@@ -110,8 +110,9 @@ class MigrationStats:
             "rounds": len(self.rounds),
             "bytes_sent": self.bytes_sent,
             "pages": pages,
-            "codecs": {k: {"pages": v, "bytes": self.codec_bytes.get(k, 0),
-                           **self.codec_counters.get(k, {})} for k, v in pages.items()},
+            "codecs": {k: {"pages": pages.get(k, 0), "bytes": self.codec_bytes.get(k, 0),
+                           **self.codec_counters.get(k, {})}
+                       for k in [*pages, *(c for c in self.codec_counters if c not in pages)]},
             "channels": self.channels,
             "machines": {"machine": {"pages": sum(pages.values()),
                                      "bytes_sent": self.bytes_sent}},
