@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck guests qemu clean
+.PHONY: setup demo test soak lint typecheck guests qemu clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ typecheck: setup
 
 test: setup qemu lint typecheck
 	$(VENV)/bin/pytest -q
+
+soak: setup
+	LIVEMIG_SOAK=1000 $(VENV)/bin/pytest -q -m soak tests/test_listener_resources.py
 
 # Guest images are committed; rebuilding needs gcc (x86) and gcc-aarch64-linux-gnu (arm64).
 guests:

@@ -120,7 +120,11 @@ class Destination:
                     )
                 handlers[rec.type](rec)
         except MigrationError as e:
-            raise self._fail(e) from e
+            # Not `from e`: _fail returns e itself unless it rewords it, and an exception that
+            # is its own cause is a reference cycle: it held the failed migration's frames,
+            # buffers and machine until a full garbage collection. A reworded e has e as its
+            # context.
+            raise self._fail(e)  # noqa: B904
         except MachineError as e:
             raise self._fail(MigrationError(f"destination machine: {e}")) from e
         except Exception as e:  # a bug must not leave the source waiting for nothing
