@@ -332,9 +332,7 @@ def slow_hello(port: int, closed: list[float], stop: threading.Event) -> None:
 @needs_kvm
 @pytest.mark.parametrize("idle", [
     MAX_PENDING - 2,
-    pytest.param(20, marks=pytest.mark.xfail(strict=True, reason=(
-        "more idle peers than the listener admits in their hello at once (16): it closes "
-        "every new connection, the migration's too, until their hello deadline"))),
+    20,  # more than it admits in their hello at once: the oldest are dropped for newcomers
 ])
 def test_idle_and_slow_connections_do_not_hold_the_listener(dest: Dest, machines,
                                                             idle: int) -> None:
@@ -375,11 +373,11 @@ def test_idle_and_slow_connections_do_not_hold_the_listener(dest: Dest, machines
         wait_for(lambda: request(dest.control, "status")["probe"]["counts"]["ok"] > oks, 30,
                  "a verify pass at the destination")
         assert request(dest.control, "status")["probe"]["counts"]["fail"] == 0
-        # each one it gave up on, it said so: those in their hello and those it had no room for
-        timed_out = min(idle + 1, MAX_PENDING)
-        wait_for(lambda: dest.said("sent nothing in time") >= timed_out, 5,
-                 f"{timed_out} hello timeouts said\n{dest.log()}")
-        assert dest.said("too many connections") == idle + 1 - timed_out, dest.log()
+        # each one it gave up on, it said so: those whose hello ran out of time, and the oldest
+        # ones it dropped to make room for newcomers (the migration's connections among them)
+        wait_for(lambda: dest.said("sent nothing in time") + dest.said("still in its hello")
+                 >= idle + 1, 5, f"{idle + 1} idle connections given up\n{dest.log()}")
+        assert dest.said("still in its hello") <= max(0, idle + 1 - MAX_PENDING) + 3, dest.log()
     finally:
         stop.set()
         for c in idlers:

@@ -3,22 +3,26 @@ costs anything, runs at most one incoming migration at a time, and answers resol
 
 Every connection gets its own thread and a hello deadline (`hello_timeout`, for the whole
 hello however slowly the bytes come); at most `max_pending` connections may be in their
-hello at once (more are closed at once), and until a peer is authenticated its records are
-limited to HELLO_LIMIT bytes. Results of incoming migrations arrive on `results`.
+hello at once: a new one past that drops the OLDEST still in its hello, so idle peers cannot
+keep a real source out, and until a peer is authenticated its records are limited to
+HELLO_LIMIT bytes. Results of incoming migrations arrive on `results`.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livemig.contract import Machine, MachineConfig
 from livemig.migration import handshake, hello, resolve
 from livemig.migration.channels import Channel, Role, SocketChannel, TlsChannel
+from livemig.migration.channels.base import close_socket
 from livemig.migration.codecs import SUPPORTED, CodecSet
 from livemig.migration.destination import Destination, refuse
 from livemig.migration.errors import MigrationError, ProtocolError
@@ -89,7 +93,10 @@ class Listener:
         self.results: queue.Queue[Incoming] = queue.Queue()
         self.outcomes = resolve.Outcomes()
         self.accepting_machines = True
-        self._pending = threading.BoundedSemaphore(max_pending)
+        self.max_pending = max_pending
+        # Connections in their hello, oldest first: a dup of each socket to shut it down with
+        # (a TLS wrap takes the original socket object over), and the peer's name.
+        self._hellos: OrderedDict[object, tuple[socket.socket, str]] = OrderedDict()
         self._busy = threading.Lock()
         self._active: dict[bytes, _Active] = {}
         self._lock = threading.Lock()
@@ -114,14 +121,26 @@ class Listener:
             except OSError:
                 return
             peer = _peer_name(addr)
-            if not self._pending.acquire(blocking=False):
-                self.log(f"refused a connection from {peer}: too many connections in their hello")
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer), name="listen-conn",
+            key = object()
+            with self._lock:
+                oldest = (self._hellos.popitem(last=False)[1]
+                          if len(self._hellos) >= self.max_pending else None)
+                self._hellos[key] = (socket.socket(fileno=os.dup(conn.fileno())), peer)
+            if oldest is not None:
+                self.log(f"dropped a connection from {oldest[1]} still in its hello: more than "
+                         f"{self.max_pending} at once")
+                close_socket(oldest[0])
+            threading.Thread(target=self._serve, args=(conn, peer, key), name="listen-conn",
                              daemon=True).start()
 
-    def _serve(self, conn: socket.socket, peer: str) -> None:
+    def _hello_over(self, key: object) -> None:
+        """The connection `key` left its hello (authenticated or refused)."""
+        with self._lock:
+            entry = self._hellos.pop(key, None)
+        if entry is not None:
+            entry[0].close()  # only the dup: the connection itself goes on
+
+    def _serve(self, conn: socket.socket, peer: str, key: object) -> None:
         chan: Channel | None = None
         authenticated = False
         try:
@@ -134,7 +153,7 @@ class Listener:
                 refuse(chan, e)
                 raise
             authenticated = True
-            self._pending.release()
+            self._hello_over(key)
             chan.set_limit(MAX_PAYLOAD)
             self._dispatch(chan, offer, chosen, peer)
         except MigrationError as e:
@@ -142,7 +161,7 @@ class Listener:
                 self.log(f"refused a connection from {peer}: {e}")
         finally:
             if not authenticated:
-                self._pending.release()
+                self._hello_over(key)
                 if chan is not None:
                     chan.close()
                 else:

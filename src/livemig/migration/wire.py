@@ -92,6 +92,16 @@ def frame(rtype: RecordType, *parts: bytes | memoryview) -> list[bytes | memoryv
     return [header(rtype, length, crc32(parts)), *parts]
 
 
+def wait_ready(fd: int, events: int, deadline: float) -> bool:
+    """Wait until `fd` is ready for `events` (poll: any fd number) or `deadline` passes."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    p = select.poll()
+    p.register(fd, events | select.POLLERR | select.POLLHUP)
+    return bool(p.poll(remaining * 1000))
+
+
 def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview],
                  deadline: float | None = None) -> int:
     """Send every byte of `bufs` with as few `sendmsg` calls as the kernel allows; with a
@@ -104,8 +114,7 @@ def send_buffers(sock: socket.socket, bufs: Sequence[bytes | memoryview],
             try:
                 n = sock.sendmsg(views[:MAX_IOV], [], flags)
             except BlockingIOError:
-                remaining = (deadline or 0) - time.monotonic()
-                if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+                if not wait_ready(sock.fileno(), select.POLLOUT, deadline or 0):
                     raise Timeout("the peer took nothing in time (link stalled)") from None
                 continue
             while n:
@@ -174,9 +183,7 @@ class RecordReader:
         pending = getattr(self.sock, "pending", None)
         if pending is not None and pending():
             return  # TLS: decrypted bytes already buffered
-        remaining = deadline - time.monotonic()
-        fileno = self.sock.fileno()
-        if remaining <= 0 or not select.select([fileno], [], [], remaining)[0]:
+        if not wait_ready(self.sock.fileno(), select.POLLIN, deadline):
             raise Timeout(f"peer sent nothing in time while {what} was due")
 
     def _fill(self, view: memoryview, what: str, deadline: float | None) -> None:
