@@ -63,6 +63,10 @@ class QemuError(RuntimeError):
     """QEMU could not be started, driven or migrated; the message is meant for the user."""
 
 
+class QemuUnsupportedError(QemuError):
+    """This QEMU build lacks a feature the configuration asks for (e.g. multifd zstd)."""
+
+
 class QemuNotFoundError(QemuError):
     """``qemu-system-x86_64`` (or the binary asked for) is not installed or not executable."""
 
@@ -344,6 +348,17 @@ class QemuMigrationConfig:
     # QEMU's default.
     max_bandwidth: int | None = UNLIMITED_BANDWIDTH
     auto_converge: bool = False
+    # multifd (QEMU's parallel page channels) with this many channels, on both sides; None: off.
+    multifd_channels: int | None = None
+    # multifd-compression on both sides ("zstd", "zlib"); implies multifd (channels: the
+    # multifd_channels above, else QEMU's default). A build without it: `QemuUnsupportedError`.
+    multifd_compression: str | None = None
+    xbzrle_cache_size: int | None = None  # bytes; turns the xbzrle capability on
+    # Commands the source / destination QEMU run under (e.g. `ip netns exec NS`), and the
+    # address the destination listens on (the destination namespace's, then).
+    src_prefix: list[str] = field(default_factory=list)
+    dst_prefix: list[str] = field(default_factory=list)
+    listen_host: str = "127.0.0.1"
     warmup_heartbeats: int = 3
     settle_heartbeats: int = 3
     boot_timeout_s: float = 30.0
@@ -387,6 +402,8 @@ class QemuMigrationResult:
     error: str = ""
     mode: str = "precopy"
     cpu_model: str = ""
+    qemu_version: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -416,6 +433,12 @@ class QemuMigrationResult:
                 "continue": self.heartbeats_continue,
             },
         }
+        if "xbzrle-cache" in self.raw:  # QEMU's cache counters (hits, misses, overflows...)
+            d["xbzrle"] = self.raw["xbzrle-cache"]
+        if self.qemu_version:
+            d["qemu_version"] = self.qemu_version
+        if self.settings:
+            d["settings"] = self.settings
         if self.error:
             d["error"] = self.error
         return d
@@ -514,23 +537,56 @@ def guest_gap_ms(src: list[tuple[float, int]], dst: list[tuple[float, int]],
     return max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000.0
 
 
-def _set_parameters(src: QemuProcess, cfg: QemuMigrationConfig) -> None:
-    """Apply the non-default migration parameters and capabilities on the source."""
+def migration_settings(cfg: QemuMigrationConfig, side: str) -> tuple[dict[str, bool],
+                                                                      dict[str, Any]]:
+    """The capabilities and parameters that ``cfg`` sets on ``side`` ("source" or "dest").
+
+    multifd and its channels and compression must match on both sides; xbzrle, auto-converge,
+    the downtime limit and the bandwidth matter only where the migration is sent from.
+    """
+    caps: dict[str, bool] = {}
     params: dict[str, Any] = {}
-    if cfg.downtime_limit_ms is not None:
-        params["downtime-limit"] = int(cfg.downtime_limit_ms)
-    if cfg.max_bandwidth is not None:
-        params["max-bandwidth"] = int(cfg.max_bandwidth)
+    if cfg.multifd_channels is not None or cfg.multifd_compression is not None:
+        caps["multifd"] = True
+        if cfg.multifd_channels is not None:
+            params["multifd-channels"] = int(cfg.multifd_channels)
+        if cfg.multifd_compression is not None:
+            params["multifd-compression"] = cfg.multifd_compression
+    if side == "source":
+        if cfg.xbzrle_cache_size is not None:
+            caps["xbzrle"] = True
+            params["xbzrle-cache-size"] = int(cfg.xbzrle_cache_size)
+        if cfg.auto_converge:
+            caps["auto-converge"] = True
+        if cfg.downtime_limit_ms is not None:
+            params["downtime-limit"] = int(cfg.downtime_limit_ms)
+        if cfg.max_bandwidth is not None:
+            params["max-bandwidth"] = int(cfg.max_bandwidth)
+    return caps, params
+
+
+def _apply_settings(proc: QemuProcess, cfg: QemuMigrationConfig, side: str) -> dict[str, Any]:
+    """Set ``migration_settings`` on one side; what was set (for the result)."""
+    caps, params = migration_settings(cfg, side)
+    if caps:
+        proc.qmp.cmd("migrate-set-capabilities",
+                     capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+    compression = params.pop("multifd-compression", None)
     if params:
-        src.qmp.cmd("migrate-set-parameters", **params)
-    if cfg.auto_converge:
-        src.qmp.cmd("migrate-set-capabilities",
-                    capabilities=[{"capability": "auto-converge", "state": True}])
+        proc.qmp.cmd("migrate-set-parameters", **params)
+    if compression is not None:
+        try:
+            proc.qmp.cmd("migrate-set-parameters", **{"multifd-compression": compression})
+        except QemuError as e:
+            raise QemuUnsupportedError(
+                f"this QEMU build has no multifd-compression {compression} ({e})") from e
+        params["multifd-compression"] = compression
+    return {"capabilities": caps, "parameters": params}
 
 
-def _listen_port(dst: QemuProcess) -> int:
-    """Start the destination's incoming migration on an ephemeral loopback port; return it."""
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+def _listen_port(dst: QemuProcess, host: str = "127.0.0.1") -> int:
+    """Start the destination's incoming migration on an ephemeral port of ``host``; return it."""
+    dst.qmp.cmd("migrate-incoming", uri=f"tcp:{host}:0")
     info = dst.qmp.cmd("query-migrate")
     for addr in info.get("socket-address", []):
         if addr.get("type") in ("inet", "tcp") and int(addr.get("port", 0)):
@@ -594,14 +650,21 @@ def _migrate(src: QemuProcess, dst: QemuProcess, cfg: QemuMigrationConfig) -> Qe
             f"{cfg.boot_timeout_s:.0f} s; serial so far:\n{src.serial.text()[-2000:]}\n"
             f"{src.stderr_tail()}"
         )
-    _set_parameters(src, cfg)
-    port = _listen_port(dst)
+    settings = {"source": _apply_settings(src, cfg, "source"),
+                "dest": _apply_settings(dst, cfg, "dest")}
+    port = _listen_port(dst, cfg.listen_host)
     t_start = time.monotonic()
-    src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.qmp.cmd("migrate", uri=f"tcp:{cfg.listen_host}:{port}")
     info = _poll_migration(src, cfg)
     if info.get("status") == "completed":
         dst.serial.wait_heartbeats(cfg.settle_heartbeats, cfg.boot_timeout_s, alive=dst.alive)
-    return _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
+    res = _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
+    res.settings = settings
+    with contextlib.suppress(QemuError, KeyError, TypeError):
+        v = src.qmp.cmd("query-version", timeout=5.0)
+        q = v["qemu"]
+        res.qemu_version = f"{q['major']}.{q['minor']}.{q['micro']}"
+    return res
 
 
 def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
@@ -626,9 +689,9 @@ def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
     procs: list[QemuProcess] = []
     try:
         # Unix socket paths are short-lived and kept in the temp dir (108-byte path limit).
-        src = QemuProcess("source", Path(tmp), argv)
+        src = QemuProcess("source", Path(tmp), [*cfg.src_prefix, *argv])
         procs.append(src)
-        dst = QemuProcess("dest", Path(tmp), argv + ["-incoming", "defer"])
+        dst = QemuProcess("dest", Path(tmp), [*cfg.dst_prefix, *argv, "-incoming", "defer"])
         procs.append(dst)
         res = _migrate(src, dst, cfg)
         res.cpu_model = cpu_model
@@ -657,12 +720,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downtime-limit-ms", type=int)
     ap.add_argument("--max-bandwidth", type=int, help="bytes/s")
     ap.add_argument("--auto-converge", action="store_true")
+    ap.add_argument("--multifd-channels", type=int)
+    ap.add_argument("--multifd-compression", help="zstd, zlib (implies multifd)")
+    ap.add_argument("--xbzrle-cache-size", type=int, help="bytes (turns xbzrle on)")
     ap.add_argument("--cpu", help="-cpu model (default: probed)")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
     cfg = QemuMigrationConfig(image=a.image, cmdline=a.append, mem=a.mem, smp=a.smp,
                               downtime_limit_ms=a.downtime_limit_ms,
                               max_bandwidth=a.max_bandwidth, auto_converge=a.auto_converge,
+                              multifd_channels=a.multifd_channels,
+                              multifd_compression=a.multifd_compression,
+                              xbzrle_cache_size=a.xbzrle_cache_size,
                               cpu_model=a.cpu, log_dir=a.log_dir)
     res = run_qemu_migration(cfg)
     print(json.dumps(res.to_dict(), indent=2))

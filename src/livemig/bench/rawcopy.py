@@ -15,13 +15,16 @@ that it holds every byte: the end-to-end time for N bytes, like a migration's tr
 
 from __future__ import annotations
 
+import json
 import mmap
 import select
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,14 +87,15 @@ def _touched_buffer(nbytes: int) -> mmap.mmap:
     return buf
 
 
-def _receive(nbytes: int, repeats: int, chunk: int) -> None:
-    """Receiver process body: listen, print the port, receive ``nbytes`` ``repeats`` times.
+def _receive(nbytes: int, repeats: int, chunk: int, host: str = "127.0.0.1") -> None:
+    """Receiver process body: listen on ``host``, print the port, receive ``nbytes``
+    ``repeats`` times.
 
     Each complete copy is acknowledged with one byte.
     """
     buf = _touched_buffer(nbytes)
     mv = memoryview(buf)
-    with socket.create_server(("127.0.0.1", 0)) as srv:
+    with socket.create_server((host, 0)) as srv:
         print(srv.getsockname()[1], flush=True)
         conn, _ = srv.accept()
         with conn:
@@ -107,12 +111,14 @@ def _receive(nbytes: int, repeats: int, chunk: int) -> None:
     buf.close()
 
 
-def _start_receiver(nbytes: int, repeats: int, chunk: int,
-                    timeout_s: float) -> tuple[subprocess.Popen[str], int]:
-    """Start the receiver as ``python -m livemig.bench.rawcopy --receive``; return it, port."""
+def _start_receiver(nbytes: int, repeats: int, chunk: int, timeout_s: float,
+                    host: str = "127.0.0.1", prefix: Sequence[str] = (),
+                    ) -> tuple[subprocess.Popen[str], int]:
+    """Start the receiver as ``python -m livemig.bench.rawcopy --receive`` (under ``prefix``,
+    e.g. ``ip netns exec NS``); return it, port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livemig.bench.rawcopy", "--receive",
-         str(nbytes), str(repeats), str(chunk)],
+        [*prefix, sys.executable, "-m", "livemig.bench.rawcopy", "--receive",
+         str(nbytes), str(repeats), str(chunk), "--host", host],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -136,11 +142,14 @@ def _send_once(sock: socket.socket, mv: memoryview, nbytes: int, chunk: int) -> 
 
 
 def measure_raw_copy(nbytes: int, repeats: int = 3, chunk: int = DEFAULT_CHUNK,
-                     timeout_s: float = 120.0) -> RawCopyResult:
+                     timeout_s: float = 120.0, host: str = "127.0.0.1",
+                     receiver_prefix: Sequence[str] = ()) -> RawCopyResult:
     """Time ``repeats`` copies of ``nbytes`` from this process to a receiver process.
 
-    One TCP connection on 127.0.0.1 (set up before timing, like an established migration
-    channel), default socket buffers (kernel autotuning), ``TCP_NODELAY``.
+    One TCP connection to ``host`` (default 127.0.0.1; set up before timing, like an
+    established migration channel), default socket buffers (kernel autotuning),
+    ``TCP_NODELAY``. The receiver runs under ``receiver_prefix`` (e.g. in another network
+    namespace, where ``host`` is its address).
     """
     if nbytes <= 0:
         raise ValueError("nbytes must be positive")
@@ -150,8 +159,8 @@ def measure_raw_copy(nbytes: int, repeats: int = 3, chunk: int = DEFAULT_CHUNK,
     mv = memoryview(buf)
     proc: subprocess.Popen[str] | None = None
     try:
-        proc, port = _start_receiver(nbytes, repeats, chunk, timeout_s)
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        proc, port = _start_receiver(nbytes, repeats, chunk, timeout_s, host, receiver_prefix)
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for _ in range(repeats):
                 result.seconds.append(_send_once(sock, mv, nbytes, chunk))
@@ -168,10 +177,31 @@ def measure_raw_copy(nbytes: int, repeats: int = 3, chunk: int = DEFAULT_CHUNK,
                 proc.stdout.close()
 
 
+def measure_raw_copy_from(sender_prefix: Sequence[str], nbytes: int, host: str,
+                          receiver_prefix: Sequence[str] = (), repeats: int = 1,
+                          timeout_s: float = 120.0) -> RawCopyResult:
+    """The same copy, with the sender in its own process under ``sender_prefix`` too (e.g.
+    ``ip netns exec SRC``, the receiver under ``ip netns exec DST`` at ``host``)."""
+    if nbytes <= 0 or nbytes % (1 << 20):
+        raise ValueError("nbytes must be a positive whole number of MiB")
+    cmd = [*sender_prefix, sys.executable, "-m", "livemig.bench.rawcopy", str(nbytes >> 20),
+           "--repeats", str(repeats), "--host", host,
+           "--receiver-prefix", shlex.join(receiver_prefix)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"raw copy did not finish in {timeout_s:.0f} s") from e
+    if res.returncode:
+        lines = res.stderr.strip().splitlines()
+        raise RuntimeError(f"raw copy failed: {lines[-1] if lines else res.returncode}")
+    d = json.loads(res.stdout)
+    return RawCopyResult(nbytes=int(d["nbytes"]), chunk=int(d["chunk"]),
+                         seconds=[float(x) for x in d["seconds"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m livemig.bench.rawcopy [SIZE_MIB] [--repeats N] [--chunk-kib K]``."""
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("size_mib", type=int, nargs="?", default=1024)
@@ -179,11 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                     help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK >> 10)
+    ap.add_argument("--host", default="127.0.0.1", help="the receiver's address")
+    ap.add_argument("--receiver-prefix", default="",
+                    help="command the receiver runs under, e.g. 'ip netns exec NS'")
     a = ap.parse_args(argv)
     if a.receive:
-        _receive(*a.receive)
+        nbytes, repeats, chunk = a.receive
+        _receive(nbytes, repeats, chunk, host=a.host)
         return 0
-    res = measure_raw_copy(a.size_mib << 20, a.repeats, a.chunk_kib << 10)
+    res = measure_raw_copy(a.size_mib << 20, a.repeats, a.chunk_kib << 10, host=a.host,
+                           receiver_prefix=shlex.split(a.receiver_prefix))
     d = res.to_dict()
     d["MiB_per_s"] = res.bytes_per_s / (1 << 20)
     print(json.dumps(d, indent=2))

@@ -24,6 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 RATIO_KEYS = {"total": "total_ms", "downtime": "downtime_ms", "bytes": "bytes_sent"}
+# The grid's ratios: also the guest-visible gap, the rounds and the bytes counted on the link.
+GRID_RATIO_KEYS = {"total": "total_ms", "downtime": "downtime_ms", "guest_gap": "guest_gap_ms",
+                   "bytes": "bytes_sent", "link_bytes": "link_bytes", "rounds": "rounds"}
 
 # (label, key path, unit) of the rows printed in the table.
 TABLE_ROWS: list[tuple[str, tuple[str, ...], str]] = [
@@ -95,9 +98,11 @@ def ratio(a: Any, b: Any) -> float | None:
     return float(a) / float(b)
 
 
-def ratios(livemig: Mapping[str, Any], qemu: Mapping[str, Any]) -> dict[str, float | None]:
-    """livemig / QEMU for total time, downtime and bytes on the wire."""
-    return {name: ratio(livemig.get(key), qemu.get(key)) for name, key in RATIO_KEYS.items()}
+def ratios(livemig: Mapping[str, Any], qemu: Mapping[str, Any],
+           keys: Mapping[str, str] = RATIO_KEYS) -> dict[str, float | None]:
+    """livemig / QEMU for total time, downtime and bytes on the wire (or the figures
+    ``keys`` names: ratio name -> result key)."""
+    return {name: ratio(livemig.get(key), qemu.get(key)) for name, key in keys.items()}
 
 
 def throughput(result: Mapping[str, Any]) -> float | None:
@@ -125,11 +130,13 @@ def raw_copy_fraction(livemig: Mapping[str, Any], raw_copy_bytes_per_s: float | 
 
 def build_report(scenario: str, livemig: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                  qemu: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-                 raw_copy_bytes_per_s: float | None = None) -> dict[str, Any]:
+                 raw_copy_bytes_per_s: float | None = None,
+                 ratio_keys: Mapping[str, str] = RATIO_KEYS) -> dict[str, Any]:
     """The JSON-ready report of one scenario.
 
     ``livemig`` and ``qemu`` are one result dict each, or a list of repeats (their median is
-    reported). ``raw_copy_bytes_per_s`` is the yardstick from `rawcopy.measure_raw_copy`.
+    reported). ``raw_copy_bytes_per_s`` is the yardstick from `rawcopy.measure_raw_copy`;
+    ``ratio_keys`` the figures compared (`RATIO_KEYS`, or `GRID_RATIO_KEYS` for the grid).
     """
     lm = median_dict(livemig) if not isinstance(livemig, Mapping) else dict(livemig)
     qm = median_dict(qemu) if not isinstance(qemu, Mapping) else dict(qemu)
@@ -137,7 +144,7 @@ def build_report(scenario: str, livemig: Mapping[str, Any] | Sequence[Mapping[st
         "scenario": scenario,
         "livemig": lm,
         "qemu": qm,
-        "ratios": ratios(lm, qm),
+        "ratios": ratios(lm, qm, ratio_keys),
         "raw_copy_fraction": raw_copy_fraction(lm, raw_copy_bytes_per_s),
         "raw_copy_bytes_per_s": raw_copy_bytes_per_s,
         "livemig_bytes_per_s": throughput(lm),
@@ -204,3 +211,122 @@ def report_table(report: Mapping[str, Any]) -> Table:
 def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
     """Print one report as a rich table."""
     (console or Console()).print(report_table(report))
+
+
+# --------------------------------------------------------------------------------------------
+# The scenario grid
+# --------------------------------------------------------------------------------------------
+
+# (label, key path, unit, ratio name) of each scenario's rows in the grid table.
+GRID_TABLE_ROWS: list[tuple[str, tuple[str, ...], str, str | None]] = [
+    ("status", ("status",), "", None),
+    ("total", ("total_ms",), "ms", "total"),
+    ("downtime", ("downtime_ms",), "ms", "downtime"),
+    ("guest gap", ("guest_gap_ms",), "ms", "guest_gap"),
+    ("rounds", ("rounds",), "", "rounds"),
+    ("bytes sent", ("bytes_sent",), "MiB", "bytes"),
+    ("link bytes", ("link_bytes",), "MiB", "link_bytes"),
+]
+
+
+def _fmt_pages(side: Mapping[str, Any]) -> str | None:
+    """Pages per codec, e.g. "raw 4,120, xbzrle 4,089" (QEMU: its normal/zero pages as raw/zero,
+    and the pages its xbzrle cache encoded)."""
+    pages = side.get("pages")
+    if not isinstance(pages, Mapping):
+        return None
+    counts = {k: v for k, v in pages.items() if _is_number(v)}
+    x = side.get("xbzrle")
+    if isinstance(x, Mapping) and _is_number(x.get("pages")):
+        counts["xbzrle"] = x["pages"]
+    return ", ".join(f"{k} {int(v):,}" for k, v in counts.items()) or None
+
+
+def _why(side: Mapping[str, Any]) -> str | None:
+    err = side.get("error")
+    if not err:
+        return None
+    return str(err)
+
+
+def grid_table(grid: Mapping[str, Any]) -> Table:
+    """One table for the grid: a row group per scenario, livemig | QEMU | livemig/QEMU.
+
+    Each group shows the figures, throughput against the raw socket copy measured on the same
+    network, and, where a side did not complete, why."""
+    settings = grid.get("settings", {})
+    reps = grid.get("rows", [])
+    cpu = next((r["qemu"].get("cpu_model") for r in reps if r.get("qemu", {}).get("cpu_model")),
+               None)
+    version = next((r["qemu"].get("qemu_version") for r in reps
+                    if r.get("qemu", {}).get("qemu_version")), None)
+    title = (f"precopy grid: hotset mem={_fmt(settings.get('mem'), 'MiB')} "
+             f"wss={settings.get('wss')} vcpus={settings.get('vcpus')} "
+             f"repeat={settings.get('repeat')} (medians)")
+    caption = ", ".join(x for x in (f"QEMU {version}" if version else "",
+                                    f"-cpu {cpu}" if cpu else "",
+                                    "ratio < 1: livemig smaller") if x)
+    table = Table(title=title, caption=caption)
+    table.add_column("scenario", no_wrap=True)
+    table.add_column("figure", no_wrap=True)
+    table.add_column("livemig", justify="right")
+    table.add_column("QEMU", justify="right")
+    table.add_column("livemig/QEMU", justify="right")
+    for n, rep in enumerate(reps):
+        lm, qm = rep.get("livemig", {}), rep.get("qemu", {})
+        rats = rep.get("ratios", {})
+        lines: list[tuple[str, str, str, str]] = []
+        for label, path, unit, rname in GRID_TABLE_ROWS:
+            a, b = _get(lm, path), _get(qm, path)
+            if a is None and b is None:
+                continue
+            r = rats.get(rname) if rname else None
+            lines.append((label, _fmt(a, unit), _fmt(b, unit), _fmt_ratio(r)))
+        pa, pb = _fmt_pages(lm), _fmt_pages(qm)
+        if pa or pb:
+            lines.append(("pages", pa or "-", pb or "-", ""))
+        raw = rep.get("raw_copy_bytes_per_s")
+        tp, qtp = rep.get("livemig_bytes_per_s"), rep.get("qemu_bytes_per_s")
+        if tp is not None or qtp is not None:
+            frac = rep.get("raw_copy_fraction")
+            lines.append(("throughput", _fmt(tp, "MiB") + "/s" if tp is not None else "-",
+                          _fmt(qtp, "MiB") + "/s" if qtp is not None else "-",
+                          "-" if frac is None else f"{frac:.2f} of raw"))
+        if raw is not None:
+            lines.append(("raw copy", _fmt(raw, "MiB") + "/s", "", ""))
+        elif rep.get("raw_copy_error"):
+            lines.append(("raw copy", str(rep["raw_copy_error"]), "", ""))
+        for who, side in (("livemig", lm), ("QEMU", qm)):
+            why = _why(side)
+            if why:
+                lines.append((f"{who}: why", why, "", ""))
+        net = str(rep.get("network", ""))
+        head = [str(rep.get("row", rep.get("scenario", "?"))),
+                net.split(" (", 1)[0] if not net.startswith("cannot") else ""]
+        for i, (label, a, b, r) in enumerate(lines):
+            table.add_row(head[i] if i < len(head) else "", label, a, b, r,
+                          end_section=(i == len(lines) - 1 and n < len(reps) - 1))
+    return table
+
+
+def grid_summary(grid: Mapping[str, Any]) -> Table:
+    """One line per scenario: the ratios and the fraction of the raw copy."""
+    table = Table(title="livemig / QEMU per scenario (ratio < 1: livemig smaller)")
+    table.add_column("scenario", no_wrap=True)
+    for name in ("total", "down", "gap", "bytes", "link B", "rounds"):
+        table.add_column(name, justify="right")
+    table.add_column("of raw", justify="right")
+    for rep in grid.get("rows", []):
+        rats = rep.get("ratios", {})
+        frac = rep.get("raw_copy_fraction")
+        table.add_row(str(rep.get("row")), *(_fmt_ratio(rats.get(k)) for k in (
+            "total", "downtime", "guest_gap", "bytes", "link_bytes", "rounds")),
+            "-" if frac is None else f"{frac:.2f}")
+    return table
+
+
+def print_grid(grid: Mapping[str, Any], console: Console | None = None) -> None:
+    """Print the grid: the table with a group per scenario, then the summary of ratios."""
+    c = console or Console()
+    c.print(grid_table(grid))
+    c.print(grid_summary(grid))

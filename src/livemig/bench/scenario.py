@@ -7,11 +7,14 @@ the result. The guest must then go on heartbeating on the destination, counters 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 from livemig.bench.pair import MigrationPair, PairError
+from livemig.control import request
 from livemig.images import guest_image
 
 
@@ -33,13 +36,21 @@ class LivemigScenario:
     settle_heartbeats: int = 3
     timeout_s: float = 300.0
     auth: str = "psk"  # how the pair authenticates (bench.pair.AUTH_KINDS)
+    # Where the two sides run (bench.netns.Network): command prefixes and the listen address.
+    dst_host: str = "127.0.0.1"
+    src_prefix: list[str] = field(default_factory=list)
+    dst_prefix: list[str] = field(default_factory=list)
 
 
 def run_livemig(sc: LivemigScenario) -> dict[str, Any]:
-    """Run the scenario once; the result is `livemig migrate --json` plus heartbeat evidence."""
+    """Run the scenario once; the result is `livemig migrate --json` plus heartbeat evidence.
+
+    A migration still running after ``timeout_s`` is cancelled and raises `ScenarioError`.
+    """
     try:
         with MigrationPair(guest_image(sc.workload), sc.mem, sc.vcpus, sc.cmdline,
-                           auth=sc.auth) as pair:
+                           dst_host=sc.dst_host, src_prefix=sc.src_prefix,
+                           dst_prefix=sc.dst_prefix, auth=sc.auth) as pair:
             return _measure(pair, sc)
     except PairError as e:
         raise ScenarioError(str(e)) from e
@@ -48,8 +59,14 @@ def run_livemig(sc: LivemigScenario) -> dict[str, Any]:
 def _measure(pair: MigrationPair, sc: LivemigScenario) -> dict[str, Any]:
     pair.wait(lambda: pair.heartbeat(pair.src_sock) >= sc.warmup_heartbeats, 60,
               "the guest to warm up")
-    res = pair.migrate(["--mode", sc.mode, "--json", *sc.migrate_args], capture=True,
-                       timeout=sc.timeout_s)
+    try:
+        res = pair.migrate(["--mode", sc.mode, "--json", *sc.migrate_args], capture=True,
+                           timeout=sc.timeout_s)
+    except subprocess.TimeoutExpired as e:
+        with contextlib.suppress(Exception):
+            request(pair.src_sock, "migrate-cancel", timeout=5)
+        raise ScenarioError(f"livemig migrate did not finish within {sc.timeout_s:.0f} s "
+                            "(cancelled)") from e
     if res.returncode != 0 and not res.stdout.strip():
         raise ScenarioError(f"livemig migrate failed: {res.stderr.strip()}")
     result: dict[str, Any] = json.loads(res.stdout)

@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from livemig.bench import rawcopy, report
+from livemig.bench import grid, rawcopy, report
 from livemig.bench.pair import AUTH_KINDS
 from livemig.bench.qemu import QemuError, QemuMigrationConfig, run_qemu_migration
 from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
 from livemig.cli.bench_cpustate import cpu_state
-from livemig.cli.options import SIZE
+from livemig.cli.options import SIZE, BadInput
 from livemig.images import guest_image
 
 
@@ -41,11 +41,46 @@ def _line(who: str, i: int, n: int, r: dict[str, Any]) -> str:
 @click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True,
               help="how livemig's two sides authenticate (tls: encrypted too)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--grid", "whole_grid", is_flag=True,
+              help="the scenario grid, every row, livemig and QEMU on each")
+@click.option("--rows", default=None, metavar="A,B,...",
+              help=f"grid rows to run ({', '.join(grid.ROW_NAMES)})")
+@click.option("--xbzrle-cache", type=SIZE, default="64M", show_default=True,
+              help="grid: the xbzrle cache of both sides")
+@click.option("--timeout", type=click.FloatRange(5, 3600), default=120.0, show_default=True,
+              help="grid: seconds one migration may take before it is cancelled")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="draw livemig's pages and bytes per round and its rate over time")
 def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_downtime: float,
-            auth: str, as_json: bool) -> None:
-    """Pre-copy of a hotset guest: livemig, QEMU (--vs-qemu) and a raw copy, in one run."""
-    cmdline = f"wss={wss}"
+            auth: str, as_json: bool, whole_grid: bool, rows: str | None, xbzrle_cache: int,
+            timeout: float, plot_path: str | None) -> None:
+    """Pre-copy of a hotset guest: livemig, QEMU (--vs-qemu) and a raw copy, in one run.
+
+    With --grid (or --rows), the scenario grid: a row per configuration (streams, xbzrle,
+    compression, auto-converge, idle guests, a shaped netns link), each run on both livemig
+    and QEMU with the same guest and settings; a row that cannot run says why.
+    """
+    if rows is not None and whole_grid:
+        raise BadInput("--grid runs every row; give --rows alone for a subset")
+    if plot_path is not None and not plot_path.lower().endswith(".png"):
+        raise BadInput(f"--plot writes a PNG: {plot_path!r} does not end in .png")
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    if whole_grid or rows is not None:
+        try:
+            names = grid.parse_rows(rows) if rows is not None else []
+        except ValueError as e:
+            raise BadInput(str(e)) from e
+        settings = grid.GridSettings(mem=mem, wss=wss, vcpus=vcpus, repeat=repeat,
+                                     max_downtime_ms=max_downtime, xbzrle_cache=xbzrle_cache,
+                                     auth=auth, timeout_s=timeout)
+        result = grid.run_grid(names, settings, say)
+        _plot(result, plot_path, say)
+        if as_json:
+            click.echo(json.dumps(result, default=str))
+        else:
+            report.print_grid(result)
+        return
+    cmdline = f"wss={wss}"
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     raw: list[float] = []
@@ -72,10 +107,23 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
     rep = report.build_report(f"precopy hotset mem={mem >> 20}M wss={wss} vcpus={vcpus} "
                               f"auth={auth}",
                               ours, theirs or [{}], raw[len(raw) // 2])
+    _plot(rep, plot_path, say)
     if as_json:
         click.echo(json.dumps(rep, default=str))
     else:
         report.print_report(rep)
+
+
+def _plot(result: dict[str, Any], path: str | None, say: Any) -> None:
+    if path is None:
+        return
+    from livemig.bench.plot import plot_rounds
+
+    try:
+        n = plot_rounds(result, path)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"--plot {path}: {e}") from e
+    say(f"plot: {path} ({n} livemig run{'s' if n != 1 else ''})")
 
 
 def add_commands(cli: click.Group) -> None:
