@@ -236,7 +236,12 @@ class StateWatch:
                 return
             self._stop.wait(self.period)
 
-    def stop(self) -> list[tuple[float, str]]:
+    def stop(self, until: str | None = None) -> list[tuple[float, str]]:
+        """Stop watching, once the last state seen is `until` (if given; 10 s at most)."""
+        deadline = time.monotonic() + 10
+        while until and (not self.changes or self.changes[-1][1] != until) \
+                and time.monotonic() < deadline:
+            time.sleep(self.period)
         self._stop.set()
         self._thread.join(10)
         return self.changes
@@ -309,7 +314,7 @@ def test_stalled_link_pauses_the_guest_only_for_the_limit(
          "--max-downtime", "300", *timeout_arg, "--json"],
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     ended = time.monotonic()
-    watch.stop()
+    watch.stop(until="running")
     assert relay.fired.is_set(), f"no {rtype.name} went {direction}: {out.stdout}{out.stderr}"
     assert out.returncode == 1, out.stdout + out.stderr
     res = json.loads(out.stdout)
@@ -374,7 +379,7 @@ def test_lost_commit_is_resolved_and_only_the_source_runs(
                        commit_timeout_s=2)
     assert reply["ok"], reply
     q = final_status(source)
-    watch.stop()
+    watch.stop(until="running")
     assert relay.fired.is_set() and RecordType.COMMIT not in relay.passed[FORWARD]
     assert q["status"] == "failed", q
     assert "COMMIT never reached the destination, which discarded its copy" in q["error"], q
