@@ -50,7 +50,7 @@ def boot(guest: str) -> Any:
     image = os.path.join(ROOT, "guests", "build", f"{guest}.elf")
     m = kvm(MachineConfig(Arch.X86_64, mem, 2, image, cmdline))
     m.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded nested host boots slowly
     while m.probe.counts[ProbeKind.HEARTBEAT] < 2:
         if time.monotonic() > deadline or m.error:
             m.close()  # a stuck guest must not load the machine for the tests after it
