@@ -187,3 +187,16 @@ def test_a_row_that_cannot_run_says_why_and_the_grid_goes_on(tmp_path: Path) -> 
     meminfo.write_text("MemTotal: 4000000 kB\nMemAvailable: 2097152 kB\n")
     assert grid.memory_short(4 << 30, str(meminfo)).startswith("a 4.0 GiB guest does not fit")
     assert grid.memory_short(512 << 20, str(meminfo)) is None
+
+
+def test_goals_are_checked_from_the_rows() -> None:
+    g = _fake_grid()
+    goals = {(x["row"], x["figure"]): x for x in grid.check_goals(g["rows"])}
+    assert goals[("default", "total")]["value"] == 0.5 and goals[("default", "total")]["met"]
+    assert goals[("default", "downtime")]["met"] is False  # 10 ms each: 1.0 > 0.8
+    assert goals[("default", "raw_copy_fraction")]["met"] is False
+    assert goals[("idle-4g", "total")]["met"] is None  # row not run
+    g["goals"] = list(goals.values())
+    buf = io.StringIO()
+    report.print_grid(g, Console(file=buf, width=140))
+    assert "not measured" in buf.getvalue() and "not met" in buf.getvalue()

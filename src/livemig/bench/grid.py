@@ -290,6 +290,42 @@ def _line(row: str, who: str, i: int, n: int, r: dict[str, Any]) -> str:
             f"{mib:.1f} MiB, {r.get('rounds')} rounds")
 
 
+# The issue's goals for the grid: (row, figure, comparison, target, what it says).
+GOALS: list[tuple[str, str, str, float, str]] = [
+    ("default", "total", "<=", 0.5, "hot-set default total <= 0.5x QEMU"),
+    ("default", "downtime", "<=", 0.8, "hot-set default downtime <= 0.8x QEMU"),
+    ("xbzrle", "bytes", "<=", 0.3, "--xbzrle bytes <= 0.3x QEMU's xbzrle row"),
+    ("streams2", "total", "<=", 1.0, "--streams 2 total <= QEMU multifd 2's"),
+    ("default", "raw_copy_fraction", ">=", 0.7,
+     "plain migration throughput >= 0.7 of the raw socket copy"),
+    ("idle-4g", "total", "<=", 0.8, "idle 4 GiB total <= 0.8x QEMU"),
+]
+
+
+def check_goals(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each goal with its measured value and whether the grid met it (None: not measured,
+    because the row did not run or a side did not complete). Bytes compare what crossed the
+    link when it was counted, else each side's own count."""
+    by_row = {r.get("row"): r for r in reports}
+    out = []
+    for row, figure, op, target, text in GOALS:
+        rep = by_row.get(row)
+        value: float | None = None
+        if rep is not None:
+            if figure == "raw_copy_fraction":
+                value = rep.get("raw_copy_fraction")
+            else:
+                rats = rep.get("ratios", {})
+                if figure == "bytes" and rats.get("link_bytes") is not None:
+                    value = rats["link_bytes"]
+                else:
+                    value = rats.get(figure)
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        out.append({"goal": text, "row": row, "figure": figure, "target": f"{op} {target}",
+                    "value": value, "met": met})
+    return out
+
+
 @contextlib.contextmanager
 def _networks(use_netns: bool) -> Iterator[_Networks]:
     with contextlib.ExitStack() as stack:
@@ -312,4 +348,5 @@ def run_grid(names: Sequence[str], s: GridSettings,
                      "max_downtime_ms": s.max_downtime_ms, "xbzrle_cache": s.xbzrle_cache,
                      "auth": s.auth, "timeout_s": s.timeout_s},
         "rows": reports,
+        "goals": check_goals(reports),
     }

@@ -325,8 +325,26 @@ def grid_summary(grid: Mapping[str, Any]) -> Table:
     return table
 
 
+def goals_table(grid: Mapping[str, Any]) -> Table:
+    """The issue's goals, each with the grid's value and whether it was met."""
+    table = Table(title="goals (this run)")
+    table.add_column("goal")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("", no_wrap=True)
+    for g in grid.get("goals", []):
+        v, met = g.get("value"), g.get("met")
+        table.add_row(str(g.get("goal")), "-" if v is None else f"{v:.2f}",
+                      str(g.get("target")),
+                      "not measured" if met is None else ("met" if met else "not met"))
+    return table
+
+
 def print_grid(grid: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print the grid: the table with a group per scenario, then the summary of ratios."""
+    """Print the grid: the table with a group per scenario, the summary of ratios, and the
+    goals."""
     c = console or Console()
     c.print(grid_table(grid))
     c.print(grid_summary(grid))
+    if grid.get("goals"):
+        c.print(goals_table(grid))
