@@ -22,6 +22,7 @@ from livemig.migration import (
     parse_rate,
 )
 from livemig.migration.channels import Channel, Role
+from livemig.migration.hotpages import check_k_n
 from livemig.migration.resolve import ask
 from livemig.migration.security import Security
 from livemig.migration.transport import dial, parse_address
@@ -154,6 +155,10 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         if req.get("commit_timeout_s") is not None:
             opts.commit_timeout_s = float(req["commit_timeout_s"])
         _wire_options(opts, req)
+        opts.hold_hot = bool(req.get("hold_hot", False))
+        opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
+        opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))
+        check_k_n(opts.hold_hot_k, opts.hold_hot_n)
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:

@@ -3,10 +3,21 @@
 After each live round the source knows how many pages the round sent, how many were dirtied
 meanwhile, and the bandwidth it achieved. It stops iterating when
 
-- the dirty pages would go in `max_downtime` at that bandwidth ("converged"), or
+- the pages owed (dirty, and held: see below) would go in `max_downtime` at that bandwidth
+  ("converged"), or
 - the round reached `max_rounds` ("max-rounds"), or
 - without auto-converge, the round did not shrink: it left at least `shrink_ratio` as many
-  dirty pages as it sent ("not-converging").
+  pages owed as there were when it began ("not-converging").
+
+With `--hold-hot` (hotpages.py) some of the pages owed are held back from the live rounds for
+the final one. They are part of every figure here: the predicted downtime is that of all the
+pages owed, held ones included (they will be sent with the guest paused), and a round shrinks
+when the pages owed after it (live and held) fall below `shrink_ratio` of those owed when it
+began (what it sent plus what was held). Without held pages this is the plain rule: the round
+left fewer dirty pages than it sent. When every page owed is held, a live round would have
+nothing to send: without auto-converge iteration stops there ("only-held"); with it, the
+strategy sends the held pages live (releases them) so that the throttle acts on them as in
+plain pre-copy, and the policy goes on as usual.
 
 With auto-converge, a round that does not shrink raises the vCPU throttle instead: to
 `throttle_initial` (20 %) the first time, then by `throttle_increment` (10 %) per such round,
@@ -40,6 +51,7 @@ class Convergence:
     def __init__(self, opts: MigrationOptions) -> None:
         self.opts = opts
         self.throttle = 0.0
+        self.held = 0  # pages held back (--hold-hot) when the next round begins
 
     def predict_ms(self, dirty_pages: int, bandwidth: float) -> float:
         """Time to send `dirty_pages` at `bandwidth` bytes/s."""
@@ -49,15 +61,23 @@ class Convergence:
             return float("inf")
         return dirty_pages * (PAGE_SIZE + PAGE_OVERHEAD) / bandwidth * 1000
 
-    def after_round(self, number: int, sent: int, dirty: int, bandwidth: float) -> Decision:
-        """Decide after round `number` which sent `sent` pages while `dirty` were dirtied."""
+    def after_round(self, number: int, sent: int, dirty: int, bandwidth: float,
+                    held: int = 0) -> Decision:
+        """Decide after round `number`, which sent `sent` pages, with `dirty` pages owed after
+        it (dirtied meanwhile, plus any still held), `held` of which are held back from the
+        next live round (--hold-hot). Everything owed counts for the downtime."""
         o = self.opts
+        began = sent + self.held  # owed when the round began: what it sent, what it held
+        self.held = held
         predicted = self.predict_ms(dirty, bandwidth)
         if predicted <= o.max_downtime_ms:
             return Decision(True, "converged", predicted, self.throttle)
         if number >= o.max_rounds:
             return Decision(True, "max-rounds", predicted, self.throttle)
-        shrinking = dirty < sent * o.shrink_ratio
+        if held and dirty == held and not o.auto_converge:
+            # All that is owed is predicted hot: a live round would have nothing to send.
+            return Decision(True, "only-held", predicted, self.throttle)
+        shrinking = dirty < began * o.shrink_ratio
         if shrinking:
             return Decision(False, "shrinking", predicted, self.throttle)
         if not o.auto_converge:

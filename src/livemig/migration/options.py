@@ -38,6 +38,11 @@ class MigrationOptions:
     dedup: bool = False  # a page whose content was already sent goes as a reference
     streams: int = 1  # page channels (multifd)
     switchover_timeout_s: float | None = None  # pause to READY; None: derived, see below
+    # Hot-page prediction (pre-copy): pages dirtied in hold_hot_k of the last hold_hot_n live
+    # rounds are not re-sent live but held for the final round (migration/hotpages.py).
+    hold_hot: bool = False
+    hold_hot_k: int = 2
+    hold_hot_n: int = 3
 
     def switchover_limit_s(self) -> float:
         """How long the guest may stay paused before READY: past it the source aborts and

@@ -23,6 +23,7 @@ class RoundStats:
     duration_ms: float = 0.0
     dirty_pages: int = 0  # pages dirtied while this round was sent
     throttle: float = 0.0
+    held_pages: int = 0  # owed but held back from this live round (--hold-hot)
 
     def add(self, codec: str, pages: int) -> None:
         if pages:

@@ -1,5 +1,10 @@
 """Pre-copy: rounds while the guest runs (every page, then what was dirtied meanwhile) until
-the convergence policy says stop; then the last dirty pages with the guest paused."""
+the convergence policy says stop; then the last dirty pages with the guest paused.
+
+With `--hold-hot` (hotpages.py) pages dirtied in k of the last n rounds are predicted hot and
+held: the live rounds skip them, and the final round sends them with everything else owed.
+A held page stays owed until it is sent, so nothing is lost whatever the prediction says:
+the final round is every page owed (held or dirty) plus what was dirtied since."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from livemig.migration.convergence import Convergence
+from livemig.migration.hotpages import HoldHot
 from livemig.migration.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -19,35 +25,56 @@ class PreCopy(Strategy):
     name = "precopy"
 
     def __init__(self) -> None:
-        self.dirty_mask: np.ndarray | None = None
+        self.dirty_mask: np.ndarray | None = None  # pages owed after the last live round
+        self.hold: HoldHot | None = None
         self.rounds = 0
 
     def live_copy(self, src: Source) -> None:
         conv = Convergence(src.opts)
         src.m.memory.start_dirty_log()
+        if src.opts.hold_hot:
+            self.hold = HoldHot(src.m.memory.size // src.m.memory.page_size,
+                                src.opts.hold_hot_k, src.opts.hold_hot_n)
         idx: np.ndarray | None = None
+        held = 0  # pages owed but held back from the round about to be sent
         while True:
             self.rounds += 1
             t = time.monotonic()
             rs = src.send_round(self.rounds, idx)
+            rs.held_pages = held
             src.live_time += time.monotonic() - t
             src.live_bytes += rs.bytes_sent
-            self.dirty_mask = src.m.memory.fetch_dirty()
-            dirty = np.flatnonzero(self.dirty_mask)
-            rs.dirty_pages = len(dirty)
-            src.stats.dirty_rate = len(dirty) / max(rs.duration_ms / 1000, 1e-6)
+            dirty_mask = src.m.memory.fetch_dirty()
+            rs.dirty_pages = int(np.count_nonzero(dirty_mask))
+            src.stats.dirty_rate = rs.dirty_pages / max(rs.duration_ms / 1000, 1e-6)
+            if self.hold is None:
+                live = self.dirty_mask = dirty_mask
+                held = 0
+            else:
+                live = self.hold.after_round(dirty_mask)
+                self.dirty_mask = live | self.hold.held
+                held = self.hold.held_count
+            owed = rs.dirty_pages if self.hold is None else int(np.count_nonzero(self.dirty_mask))
             bw = src.live_bytes / src.live_time if src.live_time else 0.0
-            d = conv.after_round(self.rounds, sum(rs.pages.values()), len(dirty), bw)
+            d = conv.after_round(self.rounds, sum(rs.pages.values()), owed, bw, held)
             src.set_throttle(d.throttle)
             if d.stop:
                 src.stats.stop_reason = d.reason
                 return
-            idx = dirty
+            if self.hold is not None and held and not live.any():
+                # Everything owed is held and auto-converge goes on (without it the policy
+                # stops here): send them live, as plain pre-copy would, for the throttle to act.
+                live = self.hold.release()
+                conv.held = held = 0
+            idx = np.flatnonzero(live)
 
     def final_pages(self, src: Source) -> np.ndarray | None:
         assert self.dirty_mask is not None
-        # Pages dirtied during the last live round and since: a mask OR, not a sorted union.
+        # Pages owed after the last live round (held ones included) and dirtied since: a mask
+        # OR, not a sorted union.
         final = np.flatnonzero(self.dirty_mask | src.m.memory.fetch_dirty())
         src.m.memory.stop_dirty_log()
         src.step("dirty-bitmap")
+        if self.hold is not None:
+            src.stats.event(f"hold-hot-final:{self.hold.held_count}")
         return final
