@@ -127,6 +127,7 @@ class Source:
             self._phase("switchover")
             self.strategy.after_commit(self)
             self._phase("after-commit")
+            self._finish_report()
         except MigrationError as e:
             self._fail(e)
             e.stats = self.stats
@@ -395,7 +396,6 @@ class Source:
         self.stats.status = "completed"
         if self.opts.verify_memory:
             self.stats.verified_memory = True
-        self._finish_report()
 
     def _await_running(self) -> None:
         if self.to_file:
