@@ -3,8 +3,7 @@
 Each refusal (no key, wrong key, a replayed hello, a plaintext peer against a TLS listener, a
 TLS peer whose certificate comes from another CA, a control client of another user) must be
 one line on both sides, and the source machine must keep running with its `verify` guest
-passing. Migrations over PSK and over TLS, with --verify-memory, complete. (A control client
-of another user: test_control.py.)
+passing. Migrations over PSK and over TLS, with --verify-memory, complete.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from conftest import (
     run_cli,
     wait_for,
 )
+from test_control import as_other_user, needs_root
 from test_engine_security import relay
 from test_migrate_failures import assert_source_healthy
 
@@ -149,3 +149,14 @@ def test_authenticated_migration_with_verify_memory(source: MachineProcess, tmp_
     assert int(dst.ctl("status")["probe"]["counts"]["fail"]) == 0
     dst.ctl("quit")
     dst.stop()
+
+
+@needs_root
+def test_control_client_of_another_user(source: MachineProcess) -> None:
+    """A control client of another uid cannot reach the machine (one line, exit 2); the
+    guest runs on. (test_control.py covers the SO_PEERCRED layer behind the directory.)"""
+    res = as_other_user("ctl", source.control, "pause")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res
+    one_line(res.stderr, source.control)
+    assert source.ctl("status")["state"] == "running"
+    assert_source_healthy(source)
