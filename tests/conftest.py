@@ -177,3 +177,33 @@ def future_version_destination() -> tuple[str, int]:
 
     threading.Thread(target=serve, daemon=True).start()
     return srv.getsockname()[:2]
+
+
+def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
+                         *flags: str) -> dict[str, Any]:
+    """Migrate a live `verify` guest (256M, wss=4M) with `livemig migrate FLAGS
+    --verify-memory --json` to a `livemig listen`; check it completed, verified, and that the
+    guest passes again at the destination. Returns the stats for more checks."""
+    import json
+
+    src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2",
+                    "--append", "wss=4M rate=2000"], "src")
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    dst = Listener(tmp)
+    try:
+        res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH, *flags,
+                      "--verify-memory", "--json", timeout=120)
+        assert res.returncode == 0, res.stderr
+        stats: dict[str, Any] = json.loads(res.stdout)
+        assert stats["status"] == "completed" and stats["verified_memory"] is True, stats
+        assert stats["error"] is None
+        oks = dst.ctl("status")["probe"]["counts"]["ok"]
+        wait_for(lambda: dst.ctl("status")["probe"]["counts"]["ok"] > oks, 30,
+                 "a verify pass at the destination")
+        status = dst.ctl("status")
+        assert status["state"] == "running" and status["error"] is None, status
+        assert status["probe"]["counts"]["fail"] == 0, status["probe"]
+        dst.ctl("quit")
+    finally:
+        dst.stop()
+    return stats

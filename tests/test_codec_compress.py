@@ -4,7 +4,6 @@ on the batch's last page; incompressible batches go raw; bounded, checked decomp
 
 from __future__ import annotations
 
-import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -14,7 +13,7 @@ import lz4.block
 import numpy as np
 import pytest
 import zstandard
-from conftest import KEY_FILE, Listener, image, needs_kvm, run_cli, wait_for
+from conftest import migrate_verify_guest, needs_kvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memmachine import MemoryMachine, memory_config
@@ -417,28 +416,9 @@ def test_compressible_memory_sends_fewer_bytes_with_zstd() -> None:
 
 @needs_kvm
 def test_verify_guest_migrates_with_zstd(machines: Any, tmp_path: Path) -> None:
-    src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2",
-                    "--append", "wss=4M rate=2000"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
-    dst = Listener(tmp_path)
-    try:
-        res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}",
-                      "--key-file", KEY_FILE, "--compress", "zstd", "--verify-memory", "--json")
-        assert res.returncode == 0, res.stderr
-        stats = json.loads(res.stdout)
-        assert stats["status"] == "completed" and stats["verified_memory"] is True, stats
-        assert stats["codecs"]["zstd"]["pages"] > 0, stats["codecs"]
-        assert stats["codecs"]["zstd"]["bytes"] < stats["codecs"]["zstd"]["pages"] * PAGE_SIZE
-        assert src.proc.wait(15) == 0
-        oks = dst.ctl("status")["probe"]["counts"]["ok"]
-        wait_for(lambda: dst.ctl("status")["probe"]["counts"]["ok"] >= oks + 2, 30,
-                 "two verify passes at the destination")
-        status = dst.ctl("status")
-        assert status["state"] == "running" and status["error"] is None, status
-        assert status["probe"]["counts"]["fail"] == 0, status["probe"]
-        dst.ctl("quit")
-    finally:
-        dst.stop()
+    stats = migrate_verify_guest(machines, tmp_path, "--compress", "zstd")
+    assert stats["codecs"]["zstd"]["pages"] > 0, stats["codecs"]
+    assert stats["codecs"]["zstd"]["bytes"] < stats["codecs"]["zstd"]["pages"] * PAGE_SIZE
 
 
 def test_compress_codec_classes_share_one_base() -> None:

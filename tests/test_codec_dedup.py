@@ -8,13 +8,12 @@ and of a real `verify` guest (KVM).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
-from conftest import KEY_FILE, Listener, image, needs_kvm, run_cli, wait_for
+from conftest import migrate_verify_guest, needs_kvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from memmachine import MemoryMachine, memory_config
@@ -454,21 +453,4 @@ def test_engine_live_migration_with_writer_and_dedup() -> None:
 
 @needs_kvm
 def test_live_migration_of_a_verify_guest_with_dedup(machines, tmp_path: Path) -> None:
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=2000"],
-                   "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
-    dst = Listener(tmp_path)
-    try:
-        res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", "--key-file",
-                      KEY_FILE, "--dedup", "--verify-memory", "--json", timeout=120)
-        assert res.returncode == 0, res.stderr
-        stats = json.loads(res.stdout)
-        assert stats["status"] == "completed" and stats["verified_memory"] is True, stats
-        assert stats["error"] is None
-        wait_for(lambda: dst.ctl("status")["probe"]["counts"]["ok"] >= 1, 30,
-                 "a verify pass at the destination")
-        status = dst.ctl("status")
-        assert status["state"] == "running" and status["probe"]["counts"]["fail"] == 0, status
-        dst.ctl("quit")
-    finally:
-        dst.stop()
+    migrate_verify_guest(machines, tmp_path, "--dedup")
