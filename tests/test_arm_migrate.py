@@ -23,16 +23,19 @@ from livemig.contract import Arch, MachineConfig
 from livemig.migration import MigrationOptions, migrate
 from livemig.migration.errors import RemoteError
 
+ALL_AT_ONCE = ("--streams", "4", "--compress", "zstd", "--xbzrle", "--dedup")
 CASES = [
-    ("verify", "wss=4M rate=5000", "precopy"),
-    ("cpustate", "hb=50", "precopy"),
-    ("verify", "wss=4M rate=5000", "stop-copy"),
+    ("verify", "wss=4M rate=5000", "precopy", ()),
+    ("cpustate", "hb=50", "precopy", ()),
+    ("verify", "wss=4M rate=5000", "stop-copy", ()),
+    ("verify", "wss=4M rate=5000", "precopy", ALL_AT_ONCE),
 ]
 
 
-@pytest.mark.parametrize("workload,cmdline,mode", CASES)
+@pytest.mark.parametrize("workload,cmdline,mode,flags", CASES)
 def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload: str,
-                                              cmdline: str, mode: str) -> None:
+                                              cmdline: str, mode: str,
+                                              flags: tuple[str, ...]) -> None:
     src: MachineProcess = machines(["run", arm_image(workload), "--arch", "arm64", "--mem",
                                     "64M", "--vcpus", "2", "--append", cmdline], "src")
     wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0})
@@ -41,7 +44,7 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
     dst = Listener(tmp_path, console=tmp_path / "dst.console")
     try:
         res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH,
-                      "--mode", mode, "--verify-memory", "--json")
+                      "--mode", mode, *flags, "--verify-memory", "--json")
         assert res.returncode == 0, res.stderr
         stats = json.loads(res.stdout)
         assert stats["status"] == "completed" and stats["mode"] == mode, stats
