@@ -25,4 +25,7 @@ def test_bench_precopy_json() -> None:
     if with_qemu:
         assert rep["qemu"]["status"] == "completed"
         assert set(rep["ratios"]) == {"total", "downtime", "bytes"}
-        assert all(v is not None and v > 0 for v in rep["ratios"].values())
+        # QEMU may report a downtime of 0 ms on so small a guest: that ratio is then undefined
+        undefined = {"downtime"} if rep["qemu"].get("downtime_ms") == 0 else set()
+        assert all(v is not None and v > 0 for k, v in rep["ratios"].items()
+                   if k not in undefined), rep["ratios"]

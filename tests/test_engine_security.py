@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from memmachine import MemoryMachine
 from test_migrate_engine import source
 
@@ -321,7 +322,8 @@ def test_lost_commit_is_resolved_and_the_source_resumes(monkeypatch: pytest.Monk
     res = dst.result()
     assert res.machine is None and "discarded its copy" in str(res.error)
     assert dst.built[0].closed and not dst.built[0].started
-    assert any("never received" in line for line in dst.logs), dst.logs
+    wait_for(lambda: any("never received" in line for line in dst.logs), 5,
+             f"the listener to log the resolve: {dst.logs}")
     dst.close()
 
 
