@@ -51,14 +51,6 @@ def parse_address(text: str, allow_any_port: bool = False) -> Address:
     return Address(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """`HOST:PORT` into (host, port), checked as `parse_address` does."""
-    a = parse_address(text)
-    if a.is_unix:
-        raise AddressError(f"expected HOST:PORT, got {text!r}")
-    return a.host, a.port
-
-
 def _connect(addr: Address, timeout: float) -> socket.socket:
     try:
         if addr.is_unix:
