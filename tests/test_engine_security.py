@@ -431,3 +431,23 @@ def test_page_streams_need_the_listener() -> None:
                 redial=lambda role: dial(Address("127.0.0.1", d.addr[1]), Security(), role))
     d.join()
     assert src.running
+
+
+def test_return_connection_that_beats_the_registration(pki: dict[str, Security],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS: the source dials its RETURN connection right after WELCOME; the listener may
+    not have registered the migration yet (a race seen once in a bench run): it waits."""
+    from livemig.migration import listener as listener_mod
+
+    class SlowActive(listener_mod._Active):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            time.sleep(0.5)  # the main connection's thread is slow to register its migration
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(listener_mod, "_Active", SlowActive)
+    dst = Dst(pki["b"])
+    src = source()
+    before = src.memory.pages.copy()
+    send(src, dst, pki["a"])
+    assert_moved(src, before, dst.result())
+    dst.close()

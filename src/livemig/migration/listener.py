@@ -36,6 +36,7 @@ HELLO_LIMIT = 64 << 10
 MAX_PENDING = 16
 JOIN_TIMEOUT = 10.0
 MAX_STREAMS = 16
+REGISTER_WAIT = 2.0  # seconds an extra connection waits for its migration to be registered
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Listener:
         self._busy = threading.Lock()
         self._active: dict[bytes, _Active] = {}
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)  # a migration joined _active
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="listen", daemon=True)
 
@@ -179,7 +181,11 @@ class Listener:
         if offer.role == Role.MAIN.value:
             self._receive(chan, chosen, peer)
         elif offer.role == Role.RETURN.value or _is_stream(offer.role):
-            with self._lock:
+            # A source dials its RETURN connection as soon as it has the main WELCOME, which
+            # may be before the main connection's thread has registered the migration.
+            with self._registered:
+                self._registered.wait_for(lambda: chosen.session in self._active,
+                                          REGISTER_WAIT)
                 active = self._active.get(chosen.session)
             if active is None:
                 chan.close()
@@ -212,8 +218,9 @@ class Listener:
             chan.close()
             return
         active = _Active(chan)
-        with self._lock:
+        with self._registered:
             self._active[chosen.session] = active
+            self._registered.notify_all()
         sess: Session | None = None
         try:
             back = chan if chan.duplex else active.take(Role.RETURN.value, JOIN_TIMEOUT)
