@@ -122,6 +122,21 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
                           cwd=ROOT)
 
 
+_LISTENERS: list[Listener] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_listeners() -> Iterator[None]:
+    """A test that fails before stopping its `livemig listen` must not leave it running
+    (a `--once` listener waits on after a refused hello)."""
+    yield
+    while _LISTENERS:
+        lst = _LISTENERS.pop()
+        if lst.proc.poll() is None:
+            lst.proc.kill()
+            lst.proc.communicate(timeout=10)
+
+
 class Listener:
     """A `livemig listen --once` process on loopback; its port is read from what it prints."""
 
@@ -134,6 +149,7 @@ class Listener:
              *(AUTH if auth is None else auth),
              "--console", str(console) if console else "none", "--control", self.control],
             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        _LISTENERS.append(self)
         assert self.proc.stderr is not None
         m = re.search(r":(\d+)\s*$", self.proc.stderr.readline())
         assert m, "listen did not say its port"
