@@ -18,10 +18,8 @@ Source: a bounded cache (`xbzrle_cache` bytes, whole pages, evicted in insertion
 what the destination holds of the pages it saw in batches: every page of every batch is
 recorded as it is in the batch (whichever codec sends it, all send it exactly), zero pages
 as a mark without a copy. A page in the cache goes as a delta (a hit); one not in it is a
-miss. The codec must see every batch, also one whose pages the others would take entirely
-(the encoder asks no more codecs once every page is taken): so it is first in `REGISTRY`,
-leaves zero pages to `zero`, and leaves at least one page of a batch to the codecs after it,
-which may keep per-page state too (dedup). Destination: each delta is decoded against
+miss. The encoder shows every codec every batch, so the cache learns pages whichever codec
+sends them; zero pages are left to `zero`. Destination: each delta is decoded against
 `placer.current(idx)`, the page as earlier batches left it: batches must be placed in the
 order they were encoded (one channel keeps it; page streams place batches in order too).
 """
@@ -322,13 +320,6 @@ class XbzrleCodec(Codec):
                 ok, sizes, data = encode(pages[rows], state.base(slots[rows]))
                 hits = int(np.count_nonzero(ok))
                 state.overflows += len(rows) - hits
-                if hits == len(idx):
-                    # Leave one page to the codecs after this one: the encoder asks no more
-                    # codecs once every page is taken, and one that keeps per-page state
-                    # (dedup) must see every batch, as this one does by being first.
-                    ok[-1] = False
-                    hits -= 1
-                    sizes, data = sizes[:-1], data[: int(sizes[:-1].sum())]
                 mask[rows[ok]] = True
                 state.hits += hits
                 state.bytes_saved += hits * PAGE_SIZE - int(sizes.sum())
