@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -14,6 +15,15 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 def punch_hole(fd: int, size: int) -> None:
     """Free every page of a memfd, keeping its size (best effort: it only returns memory)."""
     _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, size)
+
+
+def punch_pages(fd: int, first: int, count: int, page_size: int = 4096) -> None:
+    """Drop pages first..first+count of a memfd (they read as a hole again); OSError if the
+    kernel refuses, since a caller relying on the hole must know."""
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first * page_size,
+                       count * page_size) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
 def release(mapping: mmap.mmap, fd: int | None, size: int) -> None:

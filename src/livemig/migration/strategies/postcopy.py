@@ -1,0 +1,85 @@
+"""Post-copy: pause at once, move CPU and device state, run the guest at the destination; its
+memory follows, pushed in order and pulled by faults (pageserver.py, postcopy_dest.py).
+
+The STATE record carries which pages the destination must not assume zero ("owed"); nothing
+else is sent before the switch. After COMMIT the source keeps every page until COMPLETE; a
+broken link pauses both sides (the destination's vCPUs wait on missing pages) until
+`migrate-recover` reconnects, and the destination's MISSING list says what is left.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from livemig.migration import records, scan
+from livemig.migration.errors import ConnectionLost
+from livemig.migration.pageserver import PageServer
+from livemig.migration.stats import FaultStats
+from livemig.migration.strategies.base import Strategy
+from livemig.migration.wire import RecordType
+
+if TYPE_CHECKING:
+    from livemig.migration.source import Source
+
+COMPLETE_WAIT = 60.0  # seconds from the last push to COMPLETE before the link counts as lost
+
+
+class PostcopyTail:
+    """What post-copy and hybrid share: the owed pages, and the page server after COMMIT."""
+
+    def __init__(self) -> None:
+        self.server: PageServer | None = None
+
+    def begin(self, src: Source, owed: np.ndarray) -> np.ndarray:
+        """With the guest paused: serve `owed` from now on; the last round sends nothing."""
+        assert src.ret is not None and src.session is not None
+        assert src.session.urgent is not None
+        self.server = PageServer(src.ram, owed, src.limiter)
+        self.server.reconnected(src.session.urgent, None)
+        src.ret.handlers[RecordType.PAGE_REQUEST] = self.server.on_request
+        src.stats.event(f"postcopy-owed:{int(np.count_nonzero(owed))}")
+        return np.zeros(0, dtype=np.int64)
+
+    def owed_pages(self, src: Source) -> np.ndarray | None:
+        return None if self.server is None else self.server.owed
+
+    def after_commit(self, src: Source) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                self._push_and_wait(src, self.server)
+                break
+            except ConnectionLost as e:
+                missing = src.recover_postcopy(e, self.server.on_request)
+                self.server.reconnected(src.urgent_channel(), missing)
+        src.stats.bytes_sent += self.server.counts.bytes_sent
+        src.stats.total_ms = src.elapsed_ms()
+
+    def _push_and_wait(self, src: Source, server: PageServer) -> None:
+        assert src.ret is not None
+        ret = src.ret
+        stop = threading.Event()
+        server.push(src.main, stop, ret.check)
+        rec = ret.expect(RecordType.COMPLETE, time.monotonic() + COMPLETE_WAIT,
+                         later=(RecordType.REPORT,))
+        d = records.unpack(rec.payload, "COMPLETE", ("faults",))
+        faults = d["faults"] if isinstance(d["faults"], dict) else {}
+        lat = d.get("latency_ms") if isinstance(d.get("latency_ms"), list) else []
+        recoveries = src.stats.faults.recoveries
+        src.stats.faults = FaultStats.from_json(faults, lat or [])
+        src.stats.faults.recoveries = recoveries
+        if src.opts.verify_memory and d.get("verified") is True:
+            src.stats.verified_memory = True
+        src.stats.event("postcopy-complete")
+
+
+class PostCopy(PostcopyTail, Strategy):
+    name = "postcopy"
+    postcopy = True
+
+    def final_pages(self, src: Source) -> np.ndarray | None:
+        return self.begin(src, scan.populated(src.m.memory))
