@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import migrate_verify_guest, needs_kvm
+from conftest import (
+    AUTH,
+    LIVEMIG,
+    ROOT,
+    Listener,
+    MachineProcess,
+    image,
+    migrate_verify_guest,
+    needs_kvm,
+    run_cli,
+    wait_for,
+)
+from linkproxy import LinkProxy
 
 pytestmark = needs_kvm
 
@@ -20,3 +35,76 @@ def test_verify_guest_postcopy(machines, tmp_path: Path, flags: tuple[str, ...])
     assert f["pushed"] + f["pulled"] > 0, f
     assert stats["mode"] == flags[1]
 
+
+
+def _start_postcopy(machines, tmp: Path, target_port: int, *flags: str
+                    ) -> tuple[MachineProcess, subprocess.Popen[str]]:
+    """A `verify` guest migrating with --mode postcopy, its pushes slowed so that the
+    post-copy phase lasts seconds; returns once the destination runs it."""
+    src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2",
+                    "--append", "wss=4M rate=2000"], "src")
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    mig = subprocess.Popen([*LIVEMIG, "migrate", src.control, "--to",
+                            f"127.0.0.1:{target_port}", *AUTH, "--mode", "postcopy",
+                            "--max-bandwidth", "256K", "--verify-memory", "--json", *flags],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for(lambda: src.ctl("query-migrate")["status"] == "postcopy-active", 60,
+             "the post-copy phase")
+    return src, mig
+
+
+def test_cut_link_then_recover(machines, tmp_path: Path) -> None:
+    console = tmp_path / "dst.console"
+    dst = Listener(tmp_path, console=console)
+    link = LinkProxy(("127.0.0.1", dst.port))
+    src, mig = _start_postcopy(machines, tmp_path, link.port)
+    link.cut()
+    out, err = mig.communicate(timeout=60)
+    assert mig.returncode == 1, err
+    assert json.loads(out)["status"] == "postcopy-paused", out
+    assert src.ctl("query-migrate")["status"] == "postcopy-paused"
+    # Recover straight to the destination: a new address for the same session.
+    res = run_cli("migrate-recover", src.control, "--to", f"127.0.0.1:{dst.port}", "--json",
+                  timeout=120)
+    stats = json.loads(res.stdout)
+    assert res.returncode == 0, (stats.get("events"), (tmp_path / "src.log").read_text())
+    assert stats["status"] == "completed" and stats["verified_memory"] is True, stats
+    assert stats["faults"]["recoveries"] == 1, stats["faults"]
+    oks = dst.ctl("status")["probe"]["counts"]["ok"]
+    wait_for(lambda: dst.ctl("status")["probe"]["counts"]["ok"] > oks, 60,
+             "a verify pass at the destination")
+    status = dst.ctl("status")
+    assert status["probe"]["counts"]["fail"] == 0, status["probe"]
+    dst.ctl("quit")
+    log = dst.stop()
+    assert "post-copy paused: lost the source" in log and "post-copy recovered" in log, log
+
+
+def test_source_dies_in_postcopy(machines, tmp_path: Path) -> None:
+    console = tmp_path / "dst.console"
+    dst = Listener(tmp_path, console=console)
+    src, mig = _start_postcopy(machines, tmp_path, dst.port)
+    src.proc.kill()
+    mig.communicate(timeout=60)
+    time.sleep(2)  # the guest goes on where its pages are here, and waits where they are not
+    assert dst.proc.poll() is None, "the destination must wait for a recovery, not exit"
+    log = dst.terminate()
+    lines = [ln for ln in log.splitlines() if "post-copy paused" in ln]
+    assert len(lines) == 1 and "page(s) still missing" in lines[0], log
+    text = console.read_text(errors="replace") if console.exists() else ""
+    assert "want=" not in text, text  # no verify failure: nothing ran on a hole
+
+
+def test_cancel_and_refusal_before_commit_leave_source_running(machines, tmp_path: Path
+                                                                ) -> None:
+    """A post-copy that fails before COMMIT (the destination refuses it) resumes the source."""
+    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    dst = Listener(tmp_path, auth=["--insecure"])  # wrong credentials: refused in the hello
+    res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH,
+                  "--mode", "postcopy", "--json", timeout=60)
+    assert res.returncode != 0
+    assert src.ctl("status")["state"] == "running"
+    oks = src.ctl("status")["probe"]["counts"]["ok"]
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] > oks, 60, "the source runs on")
+    dst.terminate()

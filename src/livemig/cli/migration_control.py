@@ -138,10 +138,14 @@ class MigrationControl:
         return {"status": "switching to post-copy"}
 
     def query(self, _req: dict[str, Any]) -> dict[str, Any]:
-        if self.status not in ("setup", "active", "none"):
-            self.reported.set()
+        if self.status not in ("setup", "active", "none", "postcopy-paused"):
+            self.reported.set()  # a final status was read: the host may go
+        status = self.status
+        if status in ("setup", "active") and self.source is not None and (
+                self.source.state.value == "postcopy-active"):
+            status = self.source.state.value
         return {
-            "status": self.status,
+            "status": status,
             "progress": asdict(self.progress) if self.progress else None,
             "stats": self.stats.to_json() if self.stats else None,
             "error": self.error,

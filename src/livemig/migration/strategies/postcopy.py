@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from livemig.migration import records, scan
-from livemig.migration.errors import ConnectionLost
+from livemig.migration.errors import ConnectionLost, Timeout
 from livemig.migration.pageserver import PageServer
 from livemig.migration.stats import FaultStats
 from livemig.migration.strategies.base import Strategy
-from livemig.migration.wire import RecordType
+from livemig.migration.wire import Record, RecordType
 
 if TYPE_CHECKING:
     from livemig.migration.source import Source
@@ -60,12 +60,33 @@ class PostcopyTail:
         src.stats.total_ms = src.elapsed_ms()
 
     def _push_and_wait(self, src: Source, server: PageServer) -> None:
+        """Push what is owed until the destination says COMPLETE (it may before the pushes
+        end: faults pulled the rest); ConnectionLost when the link breaks first."""
         assert src.ret is not None
         ret = src.ret
-        stop = threading.Event()
-        server.push(src.main, stop, ret.check)
-        rec = ret.expect(RecordType.COMPLETE, time.monotonic() + COMPLETE_WAIT,
-                         later=(RecordType.REPORT,))
+        complete: list[Record] = []
+        done = threading.Event()
+
+        def on_complete(rec: Record) -> None:
+            complete.append(Record(rec.type, memoryview(bytes(rec.payload))))
+            done.set()
+
+        ret.handlers[RecordType.COMPLETE] = on_complete
+        try:
+            server.push(src.main, done, ret.check)
+            deadline = time.monotonic() + COMPLETE_WAIT
+            while not done.wait(0.05):
+                ret.check()
+                if time.monotonic() > deadline:
+                    raise Timeout("the destination never said COMPLETE after the last push")
+        except ConnectionLost:
+            ret.settle()  # a COMPLETE may be in just before the destination closed
+            if not done.is_set():
+                raise
+        self._complete(src, complete[0])
+
+    @staticmethod
+    def _complete(src: Source, rec: Record) -> None:
         d = records.unpack(rec.payload, "COMPLETE", ("faults",))
         faults = d["faults"] if isinstance(d["faults"], dict) else {}
         lat = d.get("latency_ms") if isinstance(d.get("latency_ms"), list) else []
