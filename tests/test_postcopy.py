@@ -26,15 +26,26 @@ from linkproxy import LinkProxy
 pytestmark = needs_kvm
 
 
-@pytest.mark.parametrize("flags", [("--mode", "postcopy"),
-                                   ("--mode", "hybrid", "--postcopy-after", "2")],
-                         ids=["postcopy", "hybrid"])
-def test_verify_guest_postcopy(machines, tmp_path: Path, flags: tuple[str, ...]) -> None:
-    stats = migrate_verify_guest(machines, tmp_path, *flags)
-    f = stats["faults"]
-    assert f["pushed"] + f["pulled"] > 0, f
-    assert stats["mode"] == flags[1]
+MODES = {"postcopy": ("--mode", "postcopy"),
+         "hybrid": ("--mode", "hybrid", "--postcopy-after", "2")}
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_guest_1g(machines, tmp_path: Path, mode: str) -> None:
+    """A `verify` guest of 1 GiB on 2 vCPUs: the pages it touches first are pulled, the rest
+    pushed; --verify-memory checks each page as it lands."""
+    stats = migrate_verify_guest(machines, tmp_path, *MODES[mode], mem="1G")
+    f = stats["faults"]
+    assert f["pushed"] + f["pulled"] > 0 and f["count"] >= f["pulled"] > 0, f
+    assert stats["mode"] == mode and stats["faults"]["last_page_ms"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpustate_guest(machines, tmp_path: Path, mode: str) -> None:
+    """Every register the guest set survives (it checks them itself and reports OK)."""
+    stats = migrate_verify_guest(machines, tmp_path, *MODES[mode], guest="cpustate",
+                                 cmdline="hb=50")
+    assert stats["mode"] == mode
 
 
 def _start_postcopy(machines, tmp: Path, target_port: int, *flags: str

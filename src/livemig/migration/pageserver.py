@@ -27,7 +27,7 @@ import numpy as np
 
 from livemig.migration.channels import Channel
 from livemig.migration.codecs import CodecSet
-from livemig.migration.errors import ProtocolError
+from livemig.migration.errors import ConnectionLost, ProtocolError
 from livemig.migration.pages import MAX_BATCH, BatchEncoder, EncodedBatch
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.wire import Record, RecordType
@@ -121,6 +121,11 @@ class PageServer:
             b = self._pull_enc.encode(part, frozen=True)
             try:
                 n = self.urgent.send(RecordType.PAGES, b.meta, *b.data)
+            except ConnectionLost:
+                # Not the return path's failure: the destination may have everything and be
+                # closing (its COMPLETE is still to be read), or the whole link broke, which
+                # the return path and the pushes see for themselves.
+                return
             finally:
                 self._pull_enc.release(b)
             self.counts.add(0, len(part), n)

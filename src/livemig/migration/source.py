@@ -471,7 +471,7 @@ class Source:
         self._recover.put(redial)
 
     def recover_postcopy(self, lost: MigrationError,
-                         on_request: Callable[[Record], None]) -> np.ndarray:
+                         handlers: dict[RecordType, Callable[[Record], None]]) -> np.ndarray:
         """The link broke after COMMIT: keep every page, wait for `request_recovery`, open new
         connections and return the pages the destination says it still lacks."""
         self.state = SourceState.POSTCOPY_PAUSED
@@ -485,7 +485,7 @@ class Source:
             if redial is not None:
                 self.redial = redial
             try:
-                missing = self._reconnect(on_request)
+                missing = self._reconnect(handlers)
                 break
             except MigrationError as e:
                 self.stats.error = f"post-copy paused: recovery failed: {e}"
@@ -503,7 +503,7 @@ class Source:
                                    self.stats.bytes_sent, 0, 0, 0.0, 0.0,
                                    note=self.stats.error or ""))
 
-    def _reconnect(self, on_request: Callable[[Record], None]) -> np.ndarray:
+    def _reconnect(self, handlers: dict[RecordType, Callable[[Record], None]]) -> np.ndarray:
         assert self.session is not None and self.redial is not None
         for c in self.session.channels():
             if c is not self._caller_main:
@@ -519,7 +519,7 @@ class Source:
         self.main = main
         self._join_urgent(deadline)
         self.ret = ReturnPath(back)
-        self.ret.handlers[RecordType.PAGE_REQUEST] = on_request
+        self.ret.handlers.update(handlers)
         self.ret.start()
         rec = self.ret.expect(RecordType.MISSING, deadline)
         return unpack_bitmap(bytes(rec.payload), len(self.ram), "MISSING record")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,8 @@ class PostcopyTail:
 
     def __init__(self) -> None:
         self.server: PageServer | None = None
+        self._complete: list[Record] = []
+        self._done = threading.Event()  # COMPLETE came
 
     def begin(self, src: Source, owed: np.ndarray) -> np.ndarray:
         """With the guest paused: serve `owed` from now on; the last round sends nothing."""
@@ -40,9 +43,18 @@ class PostcopyTail:
         assert src.session.urgent is not None
         self.server = PageServer(src.ram, owed, src.limiter)
         self.server.reconnected(src.session.urgent, None)
-        src.ret.handlers[RecordType.PAGE_REQUEST] = self.server.on_request
+        src.ret.handlers.update(self._handlers())  # COMPLETE may come right after RUNNING
         src.stats.event(f"postcopy-owed:{int(np.count_nonzero(owed))}")
         return np.zeros(0, dtype=np.int64)
+
+    def _handlers(self) -> dict[RecordType, Callable[[Record], None]]:
+        assert self.server is not None
+        return {RecordType.PAGE_REQUEST: self.server.on_request,
+                RecordType.COMPLETE: self._on_complete}
+
+    def _on_complete(self, rec: Record) -> None:
+        self._complete.append(Record(rec.type, memoryview(bytes(rec.payload))))
+        self._done.set()
 
     def owed_pages(self, src: Source) -> np.ndarray | None:
         return None if self.server is None else self.server.owed
@@ -54,7 +66,7 @@ class PostcopyTail:
                 self._push_and_wait(src, self.server)
                 break
             except ConnectionLost as e:
-                missing = src.recover_postcopy(e, self.server.on_request)
+                missing = src.recover_postcopy(e, self._handlers())
                 self.server.reconnected(src.urgent_channel(), missing)
         src.stats.bytes_sent += self.server.counts.bytes_sent
         src.stats.total_ms = src.elapsed_ms()
@@ -64,29 +76,21 @@ class PostcopyTail:
         end: faults pulled the rest); ConnectionLost when the link breaks first."""
         assert src.ret is not None
         ret = src.ret
-        complete: list[Record] = []
-        done = threading.Event()
-
-        def on_complete(rec: Record) -> None:
-            complete.append(Record(rec.type, memoryview(bytes(rec.payload))))
-            done.set()
-
-        ret.handlers[RecordType.COMPLETE] = on_complete
         try:
-            server.push(src.main, done, ret.check)
+            server.push(src.main, self._done, ret.check)
             deadline = time.monotonic() + COMPLETE_WAIT
-            while not done.wait(0.05):
+            while not self._done.wait(0.05):
                 ret.check()
                 if time.monotonic() > deadline:
                     raise Timeout("the destination never said COMPLETE after the last push")
         except ConnectionLost:
             ret.settle()  # a COMPLETE may be in just before the destination closed
-            if not done.is_set():
+            if not self._done.is_set():
                 raise
-        self._complete(src, complete[0])
+        self._completed(src, self._complete[0])
 
     @staticmethod
-    def _complete(src: Source, rec: Record) -> None:
+    def _completed(src: Source, rec: Record) -> None:
         d = records.unpack(rec.payload, "COMPLETE", ("faults",))
         faults = d["faults"] if isinstance(d["faults"], dict) else {}
         lat = d.get("latency_ms") if isinstance(d.get("latency_ms"), list) else []
