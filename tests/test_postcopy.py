@@ -119,3 +119,14 @@ def test_cancel_and_refusal_before_commit_leave_source_running(machines, tmp_pat
     oks = src.ctl("status")["probe"]["counts"]["ok"]
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] > oks, 60, "the source runs on")
     dst.terminate()
+
+
+def test_fault_is_served_ahead_of_the_push_queue(machines, tmp_path: Path) -> None:
+    """With pushes slowed to 256 KiB/s the queue of pages to push is long (over 1000 pages,
+    seconds of sending); pages the guest faults on are still served from it at once, on the
+    urgent connection, rather than when the push would have reached them."""
+    stats = migrate_verify_guest(machines, tmp_path, "--mode", "postcopy",
+                                 "--max-bandwidth", "256K")
+    f = stats["faults"]
+    assert f["pulled"] > 0 and f["pulled_ahead"] > 0, f
+    assert f["queue_at_pull"] > 500, f

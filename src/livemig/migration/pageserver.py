@@ -74,6 +74,8 @@ class ServerCounts:
     pushed: int = 0
     pulled: int = 0
     requests: int = 0
+    pulled_ahead: int = 0  # pulled while still queued for a push: the request jumped the queue
+    queue_at_pull: int = 0  # most pages queued for pushing when a request was served
     bytes_sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,6 +118,13 @@ class PageServer:
         """A PAGE_REQUEST: send those pages on the urgent connection now."""
         idx = decode_request(rec.payload, self.npages)
         assert self.urgent is not None
+        with self._lock:
+            queued = self.owed & ~self._sent
+            ahead = int(np.count_nonzero(queued[idx]))
+            waiting = int(np.count_nonzero(queued))
+        with self.counts.lock:
+            self.counts.pulled_ahead += ahead
+            self.counts.queue_at_pull = max(self.counts.queue_at_pull, waiting)
         for i in range(0, len(idx), MAX_BATCH):
             part = idx[i : i + MAX_BATCH]
             b = self._pull_enc.encode(part, frozen=True)

@@ -54,6 +54,8 @@ class FaultStats:
     zero_filled: int = 0  # faults on pages the source never had: filled with zeroes there
     last_page_ms: float = 0.0  # since the start of the migration, when the last page landed
     recoveries: int = 0
+    pulled_ahead: int = 0  # source: pages a fault asked for while still queued for a push
+    queue_at_pull: int = 0  # source: most pages queued for pushing when a request came
 
     def percentile(self, p: float) -> float | None:
         lat = sorted(self.latency_ms)
@@ -73,7 +75,8 @@ class FaultStats:
                                "p99": self.percentile(0.99), "max": self.percentile(1.0)},
                 "histogram": self.histogram(), "blocked_ms": round(self.blocked_ms, 3),
                 "pushed": self.pushed, "pulled": self.pulled, "zero_filled": self.zero_filled,
-                "last_page_ms": round(self.last_page_ms, 3), "recoveries": self.recoveries}
+                "last_page_ms": round(self.last_page_ms, 3), "recoveries": self.recoveries,
+                "pulled_ahead": self.pulled_ahead, "queue_at_pull": self.queue_at_pull}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], latency_ms: list[float]) -> FaultStats:

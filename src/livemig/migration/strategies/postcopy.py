@@ -68,7 +68,10 @@ class PostcopyTail:
             except ConnectionLost as e:
                 missing = src.recover_postcopy(e, self._handlers())
                 self.server.reconnected(src.urgent_channel(), missing)
-        src.stats.bytes_sent += self.server.counts.bytes_sent
+        counts = self.server.counts
+        src.stats.bytes_sent += counts.bytes_sent
+        src.stats.faults.pulled_ahead = counts.pulled_ahead
+        src.stats.faults.queue_at_pull = counts.queue_at_pull
         src.stats.total_ms = src.elapsed_ms()
 
     def _push_and_wait(self, src: Source, server: PageServer) -> None:
