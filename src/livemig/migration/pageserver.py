@@ -95,6 +95,7 @@ class PageServer:
         self.limiter = limiter
         self.counts = ServerCounts()
         self._sent = np.zeros(len(owed), dtype=bool)  # since the last (re)connection
+        self._queued = int(np.count_nonzero(self.owed))  # owed and not yet sent
         self._cursor = 0
         self._lock = threading.Lock()
         self._push_enc = BatchEncoder(ram, stateless_codecs())
@@ -112,16 +113,18 @@ class PageServer:
             if missing is not None:
                 self.owed = missing
             self._sent[:] = False
+            self._queued = int(np.count_nonzero(self.owed))
             self._cursor = 0
 
     def on_request(self, rec: Record) -> None:
         """A PAGE_REQUEST: send those pages on the urgent connection now."""
         idx = decode_request(rec.payload, self.npages)
         assert self.urgent is not None
-        with self._lock:
-            queued = self.owed & ~self._sent
-            ahead = int(np.count_nonzero(queued[idx]))
-            waiting = int(np.count_nonzero(queued))
+        with self._lock:  # per page, not per RAM: this is on every fault's path
+            ahead = int(np.count_nonzero(self.owed[idx] & ~self._sent[idx]))
+            waiting = self._queued
+            self._queued -= ahead
+            self._sent[idx] = True
         with self.counts.lock:
             self.counts.pulled_ahead += ahead
             self.counts.queue_at_pull = max(self.counts.queue_at_pull, waiting)
@@ -139,7 +142,6 @@ class PageServer:
                 self._pull_enc.release(b)
             self.counts.add(0, len(part), n)
         with self._lock:
-            self._sent[idx] = True
             self._cursor = int(idx[-1]) + 1
             self.counts.requests += 1
 
@@ -155,6 +157,7 @@ class PageServer:
                 return None
             idx = np.sort(after)
             self._sent[idx] = True
+            self._queued -= len(idx)
             self._cursor = int(idx[-1]) + 1 if int(idx[-1]) + 1 < self.npages else 0
         return self._push_enc.encode(idx, frozen=True)
 
