@@ -29,8 +29,8 @@ import numpy as np
 from livemig.contract import PAGE_SIZE, GuestMemory
 from livemig.extents import data_pages, runs
 from livemig.memfd import punch_pages
+from livemig.migration import handoff, records
 from livemig.migration import pages as pages_mod
-from livemig.migration import records
 from livemig.migration.channels import Channel
 from livemig.migration.codecs import CodecSet
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError
@@ -151,6 +151,7 @@ class PostcopyReceiver:
         self.placer: UffdPlacer | None = None
         self.links: Links | None = None
         self._threads: list[threading.Thread] = []
+        self._handoff = False  # holds a short GIL switch interval (handoff.py)
 
     # -- before READY -----------------------------------------------------------------------
 
@@ -174,6 +175,8 @@ class PostcopyReceiver:
 
     def start(self, links: Links) -> None:
         """Serve faults, and read pages from `links` (call before the guest runs)."""
+        handoff.acquire()
+        self._handoff = True
         self._spawn(self._fault_loop, "postcopy-faults")
         self._attach(links)
 
@@ -225,6 +228,9 @@ class PostcopyReceiver:
     def close(self) -> None:
         """Stop the threads and unregister (waiters then find their page or fill a hole)."""
         self._stop.set()
+        if self._handoff:
+            self._handoff = False
+            handoff.release()
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None

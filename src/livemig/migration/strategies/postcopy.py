@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livemig.migration import records, scan
+from livemig.migration import handoff, records, scan
 from livemig.migration.errors import ConnectionLost, Timeout
 from livemig.migration.pageserver import PageServer
 from livemig.migration.stats import FaultStats
@@ -61,13 +61,17 @@ class PostcopyTail:
 
     def after_commit(self, src: Source) -> None:
         assert self.server is not None
-        while True:
-            try:
-                self._push_and_wait(src, self.server)
-                break
-            except ConnectionLost as e:
-                missing = src.recover_postcopy(e, self._handlers())
-                self.server.reconnected(src.urgent_channel(), missing)
+        handoff.acquire()  # requests are answered on the return path's thread: promptly
+        try:
+            while True:
+                try:
+                    self._push_and_wait(src, self.server)
+                    break
+                except ConnectionLost as e:
+                    missing = src.recover_postcopy(e, self._handlers())
+                    self.server.reconnected(src.urgent_channel(), missing)
+        finally:
+            handoff.release()
         counts = self.server.counts
         src.stats.bytes_sent += counts.bytes_sent
         src.stats.faults.pulled_ahead = counts.pulled_ahead
