@@ -106,18 +106,36 @@ def test_source_dies_in_postcopy(machines, tmp_path: Path) -> None:
     assert "want=" not in text, text  # no verify failure: nothing ran on a hole
 
 
-def test_cancel_and_refusal_before_commit_leave_source_running(machines, tmp_path: Path
-                                                                ) -> None:
-    """A post-copy that fails before COMMIT (the destination refuses it) resumes the source."""
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
-    dst = Listener(tmp_path, auth=["--insecure"])  # wrong credentials: refused in the hello
-    res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH,
-                  "--mode", "postcopy", "--json", timeout=60)
-    assert res.returncode != 0
+def _source_runs_on(src: MachineProcess) -> None:
     assert src.ctl("status")["state"] == "running"
     oks = src.ctl("status")["probe"]["counts"]["ok"]
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] > oks, 60, "the source runs on")
+
+
+@pytest.mark.parametrize("how", ["refused", "cancelled", "destination-killed"])
+def test_failure_before_commit_leaves_source_running(machines, tmp_path: Path, how: str
+                                                     ) -> None:
+    """Before COMMIT a post-copy or hybrid migration fails like any other: the source resumes.
+    Refused: wrong credentials at the destination. Cancelled and destination killed: during
+    hybrid's pre-copy rounds, slowed so that they are still going on."""
+    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    dst = Listener(tmp_path, auth=["--insecure"] if how == "refused" else None)
+    flags = (["--mode", "postcopy"] if how == "refused" else
+             ["--mode", "hybrid", "--postcopy-after", "5", "--max-bandwidth", "512K"])
+    mig = subprocess.Popen([*LIVEMIG, "migrate", src.control, "--to", f"127.0.0.1:{dst.port}",
+                            *AUTH, *flags, "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if how != "refused":
+        wait_for(lambda: src.ctl("query-migrate")["status"] == "active", 60, "live rounds")
+        if how == "cancelled":
+            src.ctl("migrate-cancel")
+        else:
+            dst.proc.kill()
+    out, _ = mig.communicate(timeout=60)
+    assert mig.returncode != 0
+    assert json.loads(out)["status"] in ("failed", "cancelled"), out
+    _source_runs_on(src)
     dst.terminate()
 
 
