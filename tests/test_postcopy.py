@@ -148,3 +148,22 @@ def test_fault_is_served_ahead_of_the_push_queue(machines, tmp_path: Path) -> No
     f = stats["faults"]
     assert f["pulled"] > 0 and f["pulled_ahead"] > 0, f
     assert f["queue_at_pull"] > 500, f
+
+
+def test_start_postcopy_by_hand(machines, tmp_path: Path) -> None:
+    """`livemig ctl SOCK migrate-start-postcopy` switches a hybrid migration in its rounds."""
+    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")
+    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    dst = Listener(tmp_path)
+    mig = subprocess.Popen([*LIVEMIG, "migrate", src.control, "--to", f"127.0.0.1:{dst.port}",
+                            *AUTH, "--mode", "hybrid", "--max-bandwidth", "1M", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for(lambda: src.ctl("query-migrate")["status"] == "active", 60, "live rounds")
+    res = run_cli("ctl", src.control, "migrate-start-postcopy")
+    assert res.returncode == 0, res.stderr
+    out, err = mig.communicate(timeout=120)
+    stats = json.loads(out)
+    assert mig.returncode == 0 and stats["status"] == "completed", (stats["error"], err)
+    assert stats["stop_reason"] == "start-postcopy", stats["stop_reason"]
+    dst.ctl("quit")
+    dst.stop()

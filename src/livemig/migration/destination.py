@@ -374,6 +374,7 @@ class Destination:
             self._await_recovery(pc, lost)
         pc.finish()
         self.stats.faults = pc.stats
+        self.stats.bytes_sent += pc.bytes_received
         self.stats.verified_memory = True if self.verify is not None else None
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "completed"

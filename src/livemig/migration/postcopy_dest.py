@@ -43,7 +43,7 @@ from livemig.migration.pageserver import (
 from livemig.migration.stats import FaultStats
 from livemig.migration.uffd import UffdError, Userfaultfd
 from livemig.migration.verify import VerifyTable
-from livemig.migration.wire import MAX_PAYLOAD, RecordType
+from livemig.migration.wire import HEADER_SIZE, MAX_PAYLOAD, RecordType
 
 FAULT_POLL = 0.2  # seconds the fault thread waits before looking whether it must stop
 
@@ -140,6 +140,7 @@ class PostcopyReceiver:
         self.remaining = int(np.count_nonzero(owed))
         self.codecs: CodecSet = stateless_codecs()
         self.stats = FaultStats()
+        self.bytes_received = 0
         self._waiters: dict[int, list[float]] = {}  # page -> when each fault on it was read
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -252,6 +253,8 @@ class PostcopyReceiver:
                 if rec.type is not RecordType.PAGES:
                     raise ProtocolError(f"{rec.type.name} record after COMMIT of a post-copy")
                 self._place(pages_mod.decode(rec.payload, self.npages, self.codecs), pulled)
+                with self._lock:
+                    self.bytes_received += len(rec.payload) + HEADER_SIZE
         except MigrationError as e:
             if not self._stop.is_set():
                 self._broken(e)
