@@ -26,6 +26,18 @@ def punch_pages(fd: int, first: int, count: int, page_size: int = 4096) -> None:
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
+MADV_DONTNEED = 4
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def unmap_pages(address: int, length: int) -> None:
+    """Drop the page-table entries of a range of a shared memfd mapping (MADV_DONTNEED): the
+    pages stay in the memfd, the next access faults them in again."""
+    if _libc.madvise(address, length, MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(DONTNEED): {os.strerror(err)}")
+
+
 def release(mapping: mmap.mmap, fd: int | None, size: int) -> None:
     """Unmap RAM; when a view of it is still alive somewhere the mapping has to stay, but
     punching the whole file frees its pages all the same (the mapping then reads zeroes)."""

@@ -20,6 +20,7 @@ hold the GIL that the fault thread needs).
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, GuestMemory
 from livemig.extents import data_pages, runs
-from livemig.memfd import punch_pages
+from livemig.memfd import punch_pages, unmap_pages
 from livemig.migration import handoff, records
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel
@@ -58,28 +59,47 @@ class Links:
 
 
 class UffdPlacer:
-    """PagePlacer that installs pages with UFFDIO_COPY / UFFDIO_ZEROPAGE (never overwrites)."""
+    """PagePlacer that installs pages under userfaultfd, never over a page already mapped.
 
-    def __init__(self, uffd: Userfaultfd, base: int) -> None:
+    A page absent from the memfd is filled with UFFDIO_COPY / UFFDIO_ZEROPAGE. A page in
+    `minor` (in the memfd with stale contents, unmapped here by `prepare`) is written through
+    `alias`, a second mapping of the memfd that is not registered, then mapped with
+    UFFDIO_CONTINUE; `claimed` makes sure that happens once per page, since after it the
+    guest owns the page.
+    """
+
+    def __init__(self, uffd: Userfaultfd, base: int, minor: np.ndarray,
+                 alias: np.ndarray | None, lock: threading.Lock) -> None:
         self.uffd = uffd
         self.base = base
+        self.minor = minor
+        self.alias = alias
+        self.claimed = np.zeros(len(minor), dtype=bool)
+        self._lock = lock
 
     def zero(self, idx: np.ndarray) -> None:
-        for first, count in _runs_of(idx):
-            self._fill(first, count, None)
+        self._place(idx, None)
 
     def store(self, idx: np.ndarray, data: np.ndarray) -> None:
-        row = 0
-        for first, count in _runs_of(idx):
-            self._fill(first, count, data[row : row + count])
-            row += count
+        self._place(idx, data)
 
     def current(self, idx: np.ndarray) -> np.ndarray:
         raise ProtocolError("a delta or reference codec after COMMIT (post-copy allows only "
                             "zero and raw pages)")
 
+    def _place(self, idx: np.ndarray, data: np.ndarray | None) -> None:
+        minor = self.minor[idx]
+        if minor.any():
+            self._rewrite(idx[minor], None if data is None else data[minor])
+            idx = idx[~minor]
+            data = None if data is None else data[~minor]
+        row = 0
+        for first, count in _runs_of(idx):
+            self._fill(first, count, None if data is None else data[row : row + count])
+            row += count
+
     def _fill(self, first: int, count: int, data: np.ndarray | None) -> None:
-        """Install pages first..first+count, skipping any already present."""
+        """Install absent pages first..first+count, skipping any already present."""
         done = 0
         while done < count:
             dst = self.base + (first + done) * PAGE_SIZE
@@ -89,6 +109,27 @@ class UffdPlacer:
             else:
                 n = self.uffd.copy(dst, data[done:].ctypes.data, length)
             done += n // PAGE_SIZE + (1 if n < length else 0)  # skip the page that was there
+
+    def _rewrite(self, idx: np.ndarray, data: np.ndarray | None) -> None:
+        """New contents for stale pages, written through the alias, then mapped."""
+        assert self.alias is not None
+        with self._lock:
+            fresh = ~self.claimed[idx]
+            idx = idx[fresh]
+            self.claimed[idx] = True
+        if not len(idx):
+            return
+        self.alias[idx] = 0 if data is None else data[fresh]
+        self.map_present(idx)
+
+    def map_present(self, idx: np.ndarray) -> None:
+        """UFFDIO_CONTINUE pages whose contents in the memfd are right (EEXIST: mapped)."""
+        for first, count in _runs_of(idx):
+            done = 0
+            while done < count:
+                length = (count - done) * PAGE_SIZE
+                n = self.uffd.cont(self.base + (first + done) * PAGE_SIZE, length)
+                done += n // PAGE_SIZE + (1 if n < length else 0)
 
 
 class CheckedPlacer:
@@ -153,24 +194,41 @@ class PostcopyReceiver:
         self.links: Links | None = None
         self._threads: list[threading.Thread] = []
         self._handoff = False  # holds a short GIL switch interval (handoff.py)
+        self._alias: mmap.mmap | None = None  # second mapping of RAM, for MINOR pages
 
     # -- before READY -----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Punch out the owed pages present here, then register RAM with userfaultfd."""
+        """Make every owed page fault here, then register RAM with userfaultfd.
+
+        An owed page present here (sent in a pre-copy round, dirtied since) is unmapped with
+        MADV_DONTNEED where the kernel has MINOR faults for shmem: its stale contents stay in
+        the memfd, to be overwritten and mapped again; ten times cheaper than punching it out
+        (which frees it, and a push then allocates it again). Elsewhere it is punched out.
+        """
         fd = self.memory.fd
         if fd is None:
             raise MigrationError("destination RAM has no memfd: post-copy is not possible")
         present = np.zeros(self.npages, dtype=bool)
         for first, count in data_pages(fd, self.memory.size):
             present[first : first + count] = True
-        for first, count in runs(present & self.owed):
-            punch_pages(fd, first, count)
+        stale = present & self.owed
         try:
-            self.uffd = Userfaultfd(self.base, self.memory.size)
+            self.uffd = Userfaultfd(self.base, self.memory.size, minor=bool(stale.any()))
         except UffdError as e:
             raise MigrationError(f"destination cannot take post-copy: {e}") from e
-        self.placer = UffdPlacer(self.uffd, self.base)
+        alias = None
+        if self.uffd.minor:
+            self._alias = mmap.mmap(fd, self.memory.size, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+            alias = np.frombuffer(self._alias, np.uint8).reshape(-1, PAGE_SIZE)
+            for first, count in runs(stale):
+                unmap_pages(self.base + first * PAGE_SIZE, count * PAGE_SIZE)
+        else:
+            for first, count in runs(stale):
+                punch_pages(fd, first, count)
+            stale[:] = False
+        self.placer = UffdPlacer(self.uffd, self.base, stale, alias, self._lock)
 
     # -- after COMMIT -----------------------------------------------------------------------
 
@@ -237,6 +295,12 @@ class PostcopyReceiver:
             self.uffd = None
         self.placer = None
         del self._ram
+        if self._alias is not None:
+            try:
+                self._alias.close()
+            except BufferError:  # a placement still holds a view: unmapped when it ends
+                pass
+            self._alias = None
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -302,21 +366,24 @@ class PostcopyReceiver:
             for f in faults:
                 p = (f.address - self.base) // PAGE_SIZE
                 if 0 <= p < self.npages:
-                    self._on_fault(p, now, ask)
+                    self._on_fault(p, now, ask, f.minor)
             if ask:
                 self._request(ask)
 
-    def _on_fault(self, page: int, now: float, ask: list[int]) -> None:
+    def _on_fault(self, page: int, now: float, ask: list[int], minor: bool) -> None:
         assert self.uffd is not None and self.placer is not None
         with self._changed:
             self.stats.count += 1
             if self.received[page]:
                 self.uffd.wake(self.base + page * PAGE_SIZE, PAGE_SIZE)
                 return
-            if not self.owed[page]:  # the source held nothing there
-                self.placer.zero(np.array([page]))
+            if not self.owed[page]:  # here already (MINOR), or the source held nothing there
+                if minor:
+                    self.placer.map_present(np.array([page]))
+                else:
+                    self.placer.zero(np.array([page]))
+                    self.stats.zero_filled += 1
                 self.received[page] = True
-                self.stats.zero_filled += 1
                 return
             if page not in self._waiters:
                 ask.append(page)

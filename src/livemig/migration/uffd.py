@@ -3,9 +3,13 @@
 A post-copy destination registers guest RAM in MISSING mode: a page that is not in the RAM
 memfd makes whoever touches it (a vCPU inside KVM_RUN, unicorn's emulation thread, the kernel
 on their behalf) wait until the fault handler installs it with UFFDIO_COPY (or
-UFFDIO_ZEROPAGE). Installing is atomic and only ever fills a hole: a page the guest has
-written since cannot be overwritten by a late copy (EEXIST), which is what makes pushed and
-pulled copies of one page safe to race.
+UFFDIO_ZEROPAGE). Where the kernel has it (shmem, 5.14+), MINOR mode as well: a page that is
+in the memfd but not mapped here (dropped with MADV_DONTNEED) faults too, and is mapped again
+with UFFDIO_CONTINUE once its new contents were written through another mapping.
+
+Installing is atomic and only ever fills a hole (or maps an unmapped page): a page the guest
+has written since cannot be overwritten by a late copy (EEXIST), which is what makes pushed
+and pulled copies of one page safe to race.
 
 Every call here releases the GIL (ctypes), so a thread blocked on a fault never holds it.
 """
@@ -30,7 +34,10 @@ _NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 UFFD_API = 0xAA
 FEATURE_MISSING_SHMEM = 1 << 5
 FEATURE_THREAD_ID = 1 << 8
+FEATURE_MINOR_SHMEM = 1 << 10
 REGISTER_MODE_MISSING = 1
+REGISTER_MODE_MINOR = 4
+PAGEFAULT_FLAG_MINOR = 1 << 2
 EVENT_PAGEFAULT = 0x12
 
 
@@ -45,6 +52,7 @@ UFFDIO_UNREGISTER = _ioc(_R, 0x01, 16)
 UFFDIO_WAKE = _ioc(_R, 0x02, 16)
 UFFDIO_COPY = _ioc(_WR, 0x03, 40)
 UFFDIO_ZEROPAGE = _ioc(_WR, 0x04, 32)
+UFFDIO_CONTINUE = _ioc(_WR, 0x07, 32)
 
 _MSG = struct.Struct("<BBHIQQI4x")  # event, reserved x3, flags, address, ptid
 MSG_SIZE = 32
@@ -76,12 +84,18 @@ class _Zero(ctypes.Structure):
     _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
 
 
+class _Continue(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("mapped", ctypes.c_int64)]
+
+
 @dataclass(frozen=True)
 class Fault:
-    """One page fault: the faulting address and the thread that waits on it."""
+    """One page fault: the faulting address, the thread that waits on it, and whether the
+    page is in the memfd but not mapped (MINOR) rather than absent."""
 
     address: int
     thread: int
+    minor: bool = False
 
 
 def _check(ret: int, what: str) -> None:
@@ -91,9 +105,10 @@ def _check(ret: int, what: str) -> None:
 
 
 class Userfaultfd:
-    """A userfaultfd with one registered range [start, start + size)."""
+    """A userfaultfd with one registered range [start, start + size), in MISSING mode and,
+    when `minor` is asked and the kernel has it, MINOR mode too (`self.minor` says)."""
 
-    def __init__(self, start: int, size: int) -> None:
+    def __init__(self, start: int, size: int, minor: bool = False) -> None:
         nr = _NR_USERFAULTFD.get(platform.machine())
         if nr is None:
             raise UffdError(errno.ENOSYS, f"userfaultfd: unsupported host {platform.machine()}")
@@ -101,10 +116,18 @@ class Userfaultfd:
         _check(fd, "(is vm.unprivileged_userfaultfd 0 and this not root?)")
         self.fd = int(fd)
         self.start, self.size = start, size
+        self.minor = False
         try:
-            api = _Api(UFFD_API, FEATURE_MISSING_SHMEM | FEATURE_THREAD_ID, 0)
-            _check(_libc.ioctl(self.fd, UFFDIO_API, ctypes.byref(api)), "API")
-            reg = _Register(_Range(start, size), REGISTER_MODE_MISSING, 0)
+            features = FEATURE_MISSING_SHMEM | FEATURE_THREAD_ID
+            api = _Api(UFFD_API, features | (FEATURE_MINOR_SHMEM if minor else 0), 0)
+            if _libc.ioctl(self.fd, UFFDIO_API, ctypes.byref(api)) != 0 and minor:
+                os.close(self.fd)  # the API handshake happens once per fd: start over
+                self.fd = int(_libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK))
+                api = _Api(UFFD_API, features, 0)
+                _check(_libc.ioctl(self.fd, UFFDIO_API, ctypes.byref(api)), "API")
+            self.minor = bool(api.features & FEATURE_MINOR_SHMEM)
+            mode = REGISTER_MODE_MISSING | (REGISTER_MODE_MINOR if self.minor else 0)
+            reg = _Register(_Range(start, size), mode, 0)
             _check(_libc.ioctl(self.fd, UFFDIO_REGISTER, ctypes.byref(reg)), "REGISTER")
         except BaseException:
             os.close(self.fd)
@@ -113,18 +136,20 @@ class Userfaultfd:
 
     def wait(self, timeout: float) -> list[Fault]:
         """Faults pending now, waiting up to `timeout` seconds for the first."""
+        if not self.registered:
+            return []
         r, _, _ = select.select([self.fd], [], [], timeout)
         if not r:
             return []
         try:
             data = os.read(self.fd, MSG_SIZE * 64)
-        except BlockingIOError:
+        except (BlockingIOError, OSError):
             return []
         out = []
         for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
-            event, _r1, _r2, _r3, _flags, address, ptid = _MSG.unpack_from(data, off)
+            event, _r1, _r2, _r3, flags, address, ptid = _MSG.unpack_from(data, off)
             if event == EVENT_PAGEFAULT:
-                out.append(Fault(address, ptid))
+                out.append(Fault(address, ptid, bool(flags & PAGEFAULT_FLAG_MINOR)))
         return out
 
     def copy(self, dst: int, src: int, length: int) -> int:
@@ -151,6 +176,19 @@ class Userfaultfd:
         if err == errno.EEXIST:
             return 0
         raise UffdError(err, f"userfaultfd ZEROPAGE: {os.strerror(err)}")
+
+    def cont(self, dst: int, length: int) -> int:
+        """MINOR mode: map pages at `dst` whose contents are in the memfd; like `copy`,
+        returns the bytes mapped (0 when the first was mapped already)."""
+        c = _Continue(_Range(dst, length), 0, 0)
+        if _libc.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.byref(c)) == 0:
+            return length
+        err = ctypes.get_errno()
+        if c.mapped > 0:
+            return int(c.mapped)
+        if err == errno.EEXIST:
+            return 0
+        raise UffdError(err, f"userfaultfd CONTINUE: {os.strerror(err)}")
 
     def wake(self, dst: int, length: int) -> None:
         """Let threads waiting on a range whose pages are present go on."""
