@@ -366,13 +366,15 @@ class Destination:
         started = time.time()
         self.machine.start()
         self._send(RecordType.RUNNING)
-        threading.Thread(target=self._report_quietly, args=(started,), name="postcopy-report",
-                         daemon=True).start()
+        report = threading.Thread(target=self._report_quietly, args=(started,),
+                                  name="postcopy-report", daemon=True)
+        report.start()  # the first heartbeat may take as long as the pages it needs
         while (lost := pc.wait()) is not None:
             if not isinstance(lost, ConnectionLost):
                 raise lost
             self._await_recovery(pc, lost)
         pc.finish()
+        report.join(FIRST_HEARTBEAT_WAIT)  # the channels close when this returns
         self.stats.faults = pc.stats
         self.stats.bytes_sent += pc.bytes_received
         self.stats.verified_memory = True if self.verify is not None else None
