@@ -166,3 +166,23 @@ def test_start_postcopy_by_hand(machines, tmp_path: Path) -> None:
     assert stats["stop_reason"] == "start-postcopy", stats["stop_reason"]
     dst.ctl("quit")
     dst.stop()
+
+
+@pytest.mark.parametrize("max_downtime,expect_postcopy", [("300", False), ("1", True)],
+                         ids=["converges", "cannot-converge"])
+def test_hybrid_switches_only_when_precopy_cannot_finish(machines, tmp_path: Path,
+                                                         max_downtime: str,
+                                                         expect_postcopy: bool) -> None:
+    """Without --postcopy-after, hybrid finishes as pre-copy when a final round fits in
+    --max-downtime, and switches to post-copy when it cannot (a hot set rewritten all the
+    time, and 1 ms)."""
+    stats = migrate_verify_guest(machines, tmp_path, "--mode", "hybrid", "--max-downtime",
+                                 max_downtime, "--max-rounds", "4",
+                                 **({"guest": "hotset", "cmdline": "wss=32M"}
+                                    if expect_postcopy else {}))
+    switched = any(e["event"] == "postcopy" for e in stats["events"])
+    assert switched is expect_postcopy, (stats["stop_reason"], stats["events"])
+    if expect_postcopy:
+        assert stats["stop_reason"] != "converged" and stats["faults"]["pushed"] > 0
+    else:
+        assert stats["stop_reason"] == "converged" and stats["faults"]["pushed"] == 0

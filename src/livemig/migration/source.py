@@ -409,6 +409,7 @@ class Source:
         owed = self.strategy.owed_pages(self)
         if owed is not None:
             payload["owed"] = pack_bitmap(owed)
+            self.stats.event("postcopy")
         self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
         try:
@@ -428,7 +429,7 @@ class Source:
         self.step("until-running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1000
         self.stats.total_ms = self._ms()
-        if self.strategy.postcopy:
+        if owed is not None:
             self.state = SourceState.POSTCOPY
             self.stats.status = "postcopy-active"
             return  # verified (or not) once the last page has arrived

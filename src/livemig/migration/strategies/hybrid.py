@@ -1,9 +1,10 @@
 """Hybrid ("soft migration", seed 004): pre-copy rounds while the guest runs, then post-copy
 for whatever is still owed, instead of a long final round with the guest paused.
 
-The switch comes after `--postcopy-after N` rounds, on `migrate-start-postcopy`, or when
-pre-copy's convergence policy would stop (converged, not shrinking, max rounds): then the
-pages owed (sent-then-dirtied and never sent) go to the destination after COMMIT.
+The switch comes after `--postcopy-after N` rounds, on `migrate-start-postcopy`, or by itself
+when pre-copy cannot finish within `--max-downtime` (rounds stop shrinking, or the round limit
+is reached with the predicted downtime still too long). When pre-copy converges on its own
+it finishes as pre-copy does: a short final round, nothing left to fetch after COMMIT.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Hybrid(PostcopyTail, PreCopy):
     def final_pages(self, src: Source) -> np.ndarray | None:
         owed = PreCopy.final_pages(self, src)
         assert owed is not None
+        if src.stats.stop_reason == "converged":
+            return owed  # a final round within --max-downtime: no post-copy needed
         mask = np.zeros(src.m.memory.size // src.m.memory.page_size, dtype=bool)
         mask[owed] = True
         return self.begin(src, mask)
