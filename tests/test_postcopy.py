@@ -22,6 +22,8 @@ from conftest import (
 )
 from linkproxy import LinkProxy
 
+from livemig.migration.credentials import make_tls_dir
+
 pytestmark = needs_kvm
 
 
@@ -47,15 +49,15 @@ def test_cpustate_guest(machines, tmp_path: Path, mode: str) -> None:
     assert stats["mode"] == mode
 
 
-def _start_postcopy(machines, tmp: Path, target_port: int, *flags: str
-                    ) -> tuple[MachineProcess, subprocess.Popen[str]]:
+def _start_postcopy(machines, tmp: Path, target_port: int, *flags: str,
+                    auth: list[str] = AUTH) -> tuple[MachineProcess, subprocess.Popen[str]]:
     """A `verify` guest migrating with --mode postcopy, its pushes slowed so that the
     post-copy phase lasts seconds; returns once the destination runs it."""
     src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2",
                     "--append", "wss=4M rate=2000"], "src")
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
     mig = subprocess.Popen([*LIVEMIG, "migrate", src.control, "--to",
-                            f"127.0.0.1:{target_port}", *AUTH, "--mode", "postcopy",
+                            f"127.0.0.1:{target_port}", *auth, "--mode", "postcopy",
                             "--max-bandwidth", "256K", "--verify-memory", "--json", *flags],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(lambda: src.ctl("query-migrate")["status"] == "postcopy-active", 60,
@@ -63,11 +65,20 @@ def _start_postcopy(machines, tmp: Path, target_port: int, *flags: str
     return src, mig
 
 
-def test_cut_link_then_recover(machines, tmp_path: Path) -> None:
+@pytest.mark.parametrize("auth", ["psk", "tls"])
+def test_cut_link_then_recover(machines, tmp_path: Path, auth: str) -> None:
+    """Over TLS a session has a `return` connection too (TLS is not duplex): recovery makes
+    one again."""
+    if auth == "tls":
+        for side in ("src", "dst"):
+            make_tls_dir(str(tmp_path / side), ca_dir=str(tmp_path / "ca"))
+    src_auth, dst_auth = ((AUTH, AUTH) if auth == "psk" else
+                          (["--tls-dir", str(tmp_path / "src")],
+                           ["--tls-dir", str(tmp_path / "dst")]))
     console = tmp_path / "dst.console"
-    dst = Listener(tmp_path, console=console)
+    dst = Listener(tmp_path, console=console, auth=dst_auth)
     link = LinkProxy(("127.0.0.1", dst.port))
-    src, mig = _start_postcopy(machines, tmp_path, link.port)
+    src, mig = _start_postcopy(machines, tmp_path, link.port, auth=src_auth)
     link.cut()
     out, err = mig.communicate(timeout=60)
     assert mig.returncode == 1, err
