@@ -15,7 +15,7 @@ from livemig.contract import Arch, MachineConfig
 from livemig.images import guest_image
 
 # Compact tables: they fit 80 columns (pipes, CI logs).
-_STYLE: dict[str, Any] = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "show_edge": False}
+STYLE: dict[str, Any] = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "show_edge": False}
 GUEST_CMDLINE = {"cpustate": "hb=50", "verify": "wss=16M rate=20000"}
 
 
@@ -57,7 +57,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
               caption="times in ms; ratio = livemig / thesis; xfer = send + adopt + ack; "
                       "adopt = at the destination; exact = destination holds the source's "
                       "values",
-              **_STYLE)
+              **STYLE)
     for col in ("regs", "bytes", "thesis", "livemig", "ratio", "pause", "capture", "xfer",
                 "adopt", "exact"):
         t.add_column(col, justify="right")
@@ -71,7 +71,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     out.print(t)
     t6 = report.get("table6")
     if t6:
-        t = Table(title="Table 6: runs of 34 registers per vCPU (ms)", **_STYLE)
+        t = Table(title="Table 6: runs of 34 registers per vCPU (ms)", **STYLE)
         for col in ("run", "thesis", "livemig"):
             t.add_column(col, justify="right")
         thesis, ours = t6["thesis_runs_ms"], t6["runs_ms"]

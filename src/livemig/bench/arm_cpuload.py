@@ -1,0 +1,169 @@
+"""Host CPU load per core in the thesis' four states (seed 000, section 8.6, Figs 8-28..8-32).
+
+The thesis showed, qualitatively, the load of its Raspberry Pi host with Xvisor booted, a guest
+booted, the guest running counters, and during a migration. Here the same four states on the
+ARMv8 board, measured from /proc/stat per core over a sampling window, plus the CPU time of
+livemig's own processes (source `livemig run`, destination `livemig listen`, the `livemig
+migrate` client) over the same window:
+
+1. board booted: the board process with its guest paused (vCPU threads parked) and a
+   destination listening;
+2. guest booted: the `idle` guest running (WFI between 50 timer interrupts/s);
+3. guest running: the `cpustate` guest (register rounds, flat out);
+4. during migration: `cpustate` migrated live (pre-copy) to the destination; the window is the
+   migration's own duration.
+
+The per-core figures are the whole host's (other work on the host shows in them); the livemig
+figure is what its processes used, in % of one core.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from livemig.bench.pair import LIVEMIG, MigrationPair, PairError
+from livemig.contract import Arch
+from livemig.control import request
+from livemig.images import guest_image
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class LoadError(Exception):
+    """The measurement could not run; the message is for the user."""
+
+
+def core_jiffies() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of every core, from /proc/stat."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts[0].startswith("cpu") and parts[0] != "cpu":
+                v = [int(x) for x in parts[1:9]]
+                idle = v[3] + v[4]
+                out.append((sum(v) - idle, sum(v)))
+    return out
+
+
+def process_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass
+class Window:
+    """A sampling window over the host's cores and some processes."""
+
+    pids: list[int]
+
+    def __post_init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.cores0 = core_jiffies()
+        self.procs0 = sum(process_seconds(p) for p in self.pids)
+
+    def close(self, extra_seconds: float = 0.0) -> dict[str, Any]:
+        """Loads since the start; `extra_seconds` = CPU of processes that ended meanwhile."""
+        elapsed = time.monotonic() - self.t0
+        cores = core_jiffies()
+        per = [100.0 * (b1 - b0) / max(1, t1 - t0)
+               for (b0, t0), (b1, t1) in zip(self.cores0, cores, strict=True)]
+        busy = sum(b1 - b0 for (b0, _), (b1, _) in zip(self.cores0, cores, strict=True))
+        total = sum(t1 - t0 for (_, t0), (_, t1) in zip(self.cores0, cores, strict=True))
+        procs = sum(process_seconds(p) for p in self.pids) - self.procs0 + extra_seconds
+        return {"seconds": elapsed, "per_core_pct": per, "host_pct": 100.0 * busy / max(1, total),
+                "livemig_pct": 100.0 * procs / max(elapsed, 1e-9)}
+
+
+def _heartbeats(sock: str) -> int:
+    return int(request(sock, "status", timeout=5)["probe"]["counts"]["heartbeat"])
+
+
+def _sample(pair: MigrationPair, seconds: float, name: str, guest: str) -> dict[str, Any]:
+    pids = [p.pid for p in pair.procs]
+    hb0 = _heartbeats(pair.src_sock)
+    w = Window(pids)
+    time.sleep(seconds)
+    res = w.close()
+    rate = (_heartbeats(pair.src_sock) - hb0) / res["seconds"]
+    return {"state": name, "guest": f"{guest}, {rate:.0f} hb/s", **res}
+
+
+def _migrate(pair: MigrationPair) -> dict[str, Any]:
+    """State 4: the window is the `livemig migrate` client's life."""
+    cmd = [*LIVEMIG, "migrate", pair.src_sock, "--to", pair.target, *pair.src_auth]
+    w = Window([p.pid for p in pair.procs])
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        res = w.close(extra_seconds=usage.ru_utime + usage.ru_stime)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise LoadError(f"the migration failed: {err.read().decode().strip()[-300:]}")
+    return {"state": "during migration", "guest": "cpustate, migrating", **res}
+
+
+def _started(pair: MigrationPair) -> None:
+    pair.wait(lambda: pair.heartbeat(pair.src_sock) >= 2, 60, "the guest's heartbeats")
+
+
+def run(seconds: float, mem: int, vcpus: int) -> dict[str, Any]:
+    """The four states, in order; the JSON report."""
+    mem_text = f"{mem >> 20}M"
+    states: list[dict[str, Any]] = []
+    try:
+        with MigrationPair(guest_image("idle", Arch.ARM64), mem_text, vcpus, "tick=20",
+                           arch="arm64") as pair:
+            _started(pair)
+            request(pair.src_sock, "pause", timeout=10)
+            time.sleep(0.2)
+            states.append(_sample(pair, seconds, "board booted", "idle, paused"))
+            request(pair.src_sock, "resume", timeout=10)
+            time.sleep(0.2)
+            states.append(_sample(pair, seconds, "guest booted", "idle"))
+        with MigrationPair(guest_image("cpustate", Arch.ARM64), mem_text, vcpus, "hb=50",
+                           arch="arm64") as pair:
+            _started(pair)
+            states.append(_sample(pair, seconds, "guest running", "cpustate"))
+            states.append(_migrate(pair))
+    except PairError as e:
+        raise LoadError(str(e)) from e
+    return {"benchmark": "cpu-load", "cores": len(core_jiffies()), "vcpus": vcpus,
+            "mem_size": mem, "seconds_per_state": seconds, "states": states}
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Grouped bars: per state, one bar per core and one for livemig's processes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    states = report["states"]
+    cores = report["cores"]
+    width = 0.8 / (cores + 1)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    xs = range(len(states))
+    for c in range(cores):
+        ax.bar([x + c * width for x in xs], [s["per_core_pct"][c] for s in states], width,
+               label=f"host cpu{c}")
+    ax.bar([x + cores * width for x in xs], [s["livemig_pct"] for s in states], width,
+           label="livemig processes (% of one core)", color="black", alpha=0.7)
+    ax.set_xticks([x + cores * width / 2 for x in xs], [s["state"] for s in states])
+    ax.set_ylabel("CPU load (%)")
+    ax.set_title(f"Host CPU load in the thesis' four states (ARM board, {report['vcpus']} vCPUs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
