@@ -208,6 +208,8 @@ class Armv8Machine:
     def _rekick_masked(self) -> bool:
         """Stop the vCPUs whose interrupt waits for PSTATE.I (an ERET or DAIFClr unmasks it
         without a hook); True while there is one."""
+        if not self._run_wanted:
+            return False  # parked vCPUs take it when they resume
         waiting = [v for v in self._vcpus if v.irq_masked]
         for v in waiting:
             v.stop.request()
@@ -263,8 +265,9 @@ class Armv8Machine:
         while True:
             with self._cond:
                 while not self._closing and (not self._run_wanted or v.fault):
-                    v.parked = True
-                    self._cond.notify_all()
+                    if not v.parked:  # only on parking: parked threads must not wake each other
+                        v.parked = True
+                        self._cond.notify_all()
                     self._cond.wait()
                 if self._closing:
                     v.parked = True
