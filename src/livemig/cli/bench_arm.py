@@ -7,8 +7,6 @@ DIR/<name>.json and DIR/<name>.png.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig.bench import arm_cpuload, arm_essential
-from livemig.cli.bench_cpustate import STYLE
+from livemig.cli.bench_cpustate import STYLE, out_dir, write_outputs
 from livemig.contract import Arch, MachineConfig
 from livemig.images import guest_image
 
@@ -26,20 +24,6 @@ def _names(text: str, what: str) -> list[str]:
     if not names:
         raise click.BadParameter(f"give at least one {what}")
     return names
-
-
-def write_outputs(report: dict[str, Any], out: str | None, name: str,
-                  plot: Callable[[dict[str, Any], str], None]) -> list[str]:
-    """Write DIR/name.json and DIR/name.png when `out` is given; the paths written."""
-    if out is None:
-        return []
-    if not os.path.isdir(out):
-        raise click.BadParameter(f"{out} is not a directory", param_hint="--out")
-    js, png = os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.png")
-    with open(js, "w") as f:
-        json.dump(report, f, indent=1)
-    plot(report, png)
-    return [js, png]
 
 
 def _emit(report: dict[str, Any], as_json: bool, table: Table, notes: list[str],
@@ -72,6 +56,7 @@ def _emit(report: dict[str, Any], as_json: bool, table: Table, notes: list[str],
 def essential_state(guests_text: str, groups_text: str, vcpus: int, mem: int, observe: float,
                     repeat: int, out: str | None, as_json: bool) -> None:
     """Migrate running ARM guests leaving out one group of state at a time (thesis O6/O9)."""
+    out_dir(out)
     guests = _names(guests_text, "guest")
     bad = [g for g in guests if g not in arm_essential.GUESTS]
     if bad:
@@ -115,6 +100,7 @@ def _cell(trials: list[dict[str, Any]], guest: str, group: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def cpu_load(seconds: float, mem: int, vcpus: int, out: str | None, as_json: bool) -> None:
     """Host CPU load per core in the thesis' four states (section 8.6)."""
+    out_dir(out)
     try:
         report = arm_cpuload.run(seconds, mem << 20, vcpus)
     except arm_cpuload.LoadError as e:
