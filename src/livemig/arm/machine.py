@@ -79,10 +79,11 @@ class _Vcpu:
 
 
 class Armv8Machine:
-    """An ARMv8 board of 1-4 emulated Cortex-A72 cores (unicorn), memfd RAM, PL011, probe.
+    """An ARMv8 board of 1-4 emulated Cortex-A72 cores (unicorn), memfd RAM, GICv2, generic
+    timer, PL011, probe.
 
     Failure reporting (the contract's `error`, and the `stopped` event the CLI host polls):
-    a vCPU that faults (unicorn cannot deliver the exception, see docs/arm-state.md) is parked
+    a vCPU that faults (an exception the board does not deliver, docs/arm-state.md) is parked
     for good and the others go on. `error` is the first such fault from then on (the guest is
     no longer whole, so callers should know), but `stopped` is set only when the machine as a
     whole can no longer run: every vCPU has faulted, or the machine was closed. A host serving
