@@ -202,3 +202,22 @@ def test_idle_keeps_its_heartbeat_across_a_live_migration(machines, tmp_path: Pa
         dst.ctl("quit")
     finally:
         dst.stop()
+
+
+def test_timer_works_with_the_python_sysreg_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where native code cannot be built, every MRS/MSR goes to Python: same behaviour."""
+    from types import SimpleNamespace
+
+    from livemig.arm import sysreg_hook
+
+    monkeypatch.setattr(sysreg_hook, "NativeCode",
+                        lambda build: SimpleNamespace(address=None, why="refused (test)"))
+    m = machine("idle", 2, "tick=10")
+    try:
+        assert m._sysregs.native.address is None
+        m.start()
+        wait_probe(m, ProbeKind.HEARTBEAT, 10)
+        m.pause()
+        assert m.probe.counts[ProbeKind.FAIL] == 0 and m.faults == []
+    finally:
+        m.close()
