@@ -21,6 +21,9 @@ from livemig.arm.regs import SP_EL0, SP_EL1, SYSREGS
 
 # QEMU's exception numbers, as unicorn's UC_HOOK_INTR reports them
 EXCP_UDEF, EXCP_SWI, EXCP_BKPT = 1, 2, 7
+# what unicorn's exception numbers mean, for fault messages
+EXCP_NAMES = {1: "undefined instruction", 2: "SVC", 3: "prefetch abort from the MMU",
+              4: "data abort from the MMU", 7: "BRK", 11: "HVC", 13: "SMC"}
 # ESR_EL1 exception classes
 EC_UNKNOWN, EC_SVC64, EC_IABT_LOWER, EC_IABT_SAME = 0x00, 0x15, 0x20, 0x21
 EC_DABT_LOWER, EC_DABT_SAME, EC_BRK64 = 0x24, 0x25, 0x3C

@@ -299,7 +299,8 @@ class Armv8Machine:
             return
         if v.intr is not None:
             (intno, sync), v.intr = v.intr, None
-            what = f"Unhandled CPU exception (UC_ERR_EXCEPTION) {intno}"
+            what = (f"{exceptions.EXCP_NAMES.get(intno, 'exception')} not delivered "
+                    f"(QEMU exception {intno})")
             if sync is None:
                 self._fault(v, what)
             else:

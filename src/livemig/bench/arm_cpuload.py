@@ -63,36 +63,41 @@ def process_seconds(pid: int) -> float:
 
 @dataclass
 class Window:
-    """A sampling window over the host's cores and some processes."""
+    """A sampling window over the host's cores and some named processes."""
 
-    pids: list[int]
+    pids: dict[str, int]
 
     def __post_init__(self) -> None:
         self.t0 = time.monotonic()
         self.cores0 = core_jiffies()
-        self.procs0 = sum(process_seconds(p) for p in self.pids)
+        self.procs0 = {n: process_seconds(p) for n, p in self.pids.items()}
 
-    def close(self, extra_seconds: float = 0.0) -> dict[str, Any]:
-        """Loads since the start; `extra_seconds` = CPU of processes that ended meanwhile."""
+    def close(self, ended: dict[str, float] | None = None) -> dict[str, Any]:
+        """Loads since the start; `ended` = CPU seconds of processes that ended meanwhile."""
         elapsed = time.monotonic() - self.t0
         cores = core_jiffies()
         per = [100.0 * (b1 - b0) / max(1, t1 - t0)
                for (b0, t0), (b1, t1) in zip(self.cores0, cores, strict=True)]
         busy = sum(b1 - b0 for (b0, _), (b1, _) in zip(self.cores0, cores, strict=True))
         total = sum(t1 - t0 for (_, t0), (_, t1) in zip(self.cores0, cores, strict=True))
-        procs = sum(process_seconds(p) for p in self.pids) - self.procs0 + extra_seconds
+        used = {n: process_seconds(p) - self.procs0[n] for n, p in self.pids.items()}
+        used.update(ended or {})
+        pct = {n: 100.0 * v / max(elapsed, 1e-9) for n, v in used.items()}
         return {"seconds": elapsed, "per_core_pct": per, "host_pct": 100.0 * busy / max(1, total),
-                "livemig_pct": 100.0 * procs / max(elapsed, 1e-9)}
+                "livemig_pct": sum(pct.values()), "by_process_pct": pct}
 
 
 def _heartbeats(sock: str) -> int:
     return int(request(sock, "status", timeout=5)["probe"]["counts"]["heartbeat"])
 
 
+def _pids(pair: MigrationPair) -> dict[str, int]:
+    return {"source": pair.src.pid, "destination": pair.dst.pid}
+
+
 def _sample(pair: MigrationPair, seconds: float, name: str, guest: str) -> dict[str, Any]:
-    pids = [p.pid for p in pair.procs]
     hb0 = _heartbeats(pair.src_sock)
-    w = Window(pids)
+    w = Window(_pids(pair))
     time.sleep(seconds)
     res = w.close()
     rate = (_heartbeats(pair.src_sock) - hb0) / res["seconds"]
@@ -102,12 +107,12 @@ def _sample(pair: MigrationPair, seconds: float, name: str, guest: str) -> dict[
 def _migrate(pair: MigrationPair) -> dict[str, Any]:
     """State 4: the window is the `livemig migrate` client's life."""
     cmd = [*LIVEMIG, "migrate", pair.src_sock, "--to", pair.target, *pair.src_auth]
-    w = Window([p.pid for p in pair.procs])
+    w = Window(_pids(pair))
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        res = w.close(extra_seconds=usage.ru_utime + usage.ru_stime)
+        res = w.close({"migrate client": usage.ru_utime + usage.ru_stime})
         if proc.returncode != 0:
             err.seek(0)
             raise LoadError(f"the migration failed: {err.read().decode().strip()[-300:]}")
@@ -163,7 +168,8 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_xticks([x + cores * width / 2 for x in xs], [s["state"] for s in states])
     ax.set_ylabel("CPU load (%)")
     ax.set_title(f"Host CPU load in the thesis' four states (ARM board, {report['vcpus']} vCPUs)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=cores + 1,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -109,10 +109,15 @@ def cpu_load(seconds: float, mem: int, vcpus: int, out: str | None, as_json: boo
     cores = report["cores"]
     t = Table(title=f"Host CPU load per core (%), ARM board, {vcpus} vCPUs, "
                     f"{seconds:g} s per state", **STYLE)
-    for col in ("state", *[f"cpu{c}" for c in range(cores)], "all", "livemig", "guest"):
+    for col in ("state", *[f"cpu{c}" for c in range(cores)], "all", "livemig", "src", "dst",
+                "client", "guest"):
         t.add_column(col, justify="right" if col != "state" else "left")
     for s in report["states"]:
+        by = s["by_process_pct"]
         t.add_row(s["state"], *[f"{v:.1f}" for v in s["per_core_pct"]], f"{s['host_pct']:.1f}",
-                  f"{s['livemig_pct']:.1f}", s["guest"])
+                  f"{s['livemig_pct']:.1f}", *[f"{by[k]:.1f}" if k in by else "-" for k in
+                                               ("source", "destination", "migrate client")],
+                  s["guest"])
     _emit(report, as_json, t, ["per core and all: the whole host (/proc/stat, other work "
-                               "included); livemig: its processes, % of one core"], files)
+                               "included); livemig = src + dst + client: its processes, % of "
+                               "one core"], files)
