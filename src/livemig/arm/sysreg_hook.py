@@ -7,7 +7,7 @@ register; a Python call each time (the guests read CNTVCT_EL0 in their inner loo
 
 - CRn 14, CRm 2 or 3: the CNTP and CNTV registers (CTL, CVAL, TVAL);
 - CRn 14, CRm 0, op2 1: CNTPCT_EL0;
-- CRn 4, CRm 2: NZCV, DAIF and neighbours (the board watches DAIF writes),
+- CRn 4, CRm 2, op2 1: DAIF (the board watches writes that unmask IRQs),
 
 and answer "not handled" for the rest. Where native code cannot be built the Python hook gets
 every access (correct, slower).
@@ -38,27 +38,30 @@ def _filter_code(target: int) -> bytes:
     return (
         b"\x8b\x02"  # 0: mov eax, [rdx]        ; crn
         b"\x83\xf8\x0e"  # 2: cmp eax, 14
-        b"\x74\x0f"  # 5: je timer (22)
+        b"\x74\x17"  # 5: je timer (30)
         b"\x83\xf8\x04"  # 7: cmp eax, 4
-        b"\x75\x2f"  # 10: jne pass (59)
+        b"\x75\x37"  # 10: jne pass (67)
         b"\x8b\x42\x04"  # 12: mov eax, [rdx+4]  ; crm
         b"\x83\xf8\x02"  # 15: cmp eax, 2
-        b"\x75\x27"  # 18: jne pass
-        b"\xeb\x19"  # 20: jmp python (47)
-        b"\x8b\x42\x04"  # 22 timer: mov eax, [rdx+4]
-        b"\x83\xf8\x02"  # 25: cmp eax, 2
-        b"\x74\x11"  # 28: je python
-        b"\x83\xf8\x03"  # 30: cmp eax, 3
-        b"\x74\x0c"  # 33: je python
-        b"\x85\xc0"  # 35: test eax, eax
-        b"\x75\x14"  # 37: jne pass
-        b"\x8b\x42\x10"  # 39: mov eax, [rdx+16] ; op2
-        b"\x83\xf8\x01"  # 42: cmp eax, 1
-        b"\x75\x0c"  # 45: jne pass
-        b"\x48\xb8" + struct.pack("<Q", target)  # 47 python: movabs rax, target
-        + b"\xff\xe0"  # 57: jmp rax (tail call, arguments untouched)
-        b"\x31\xc0"  # 59 pass: xor eax, eax    ; not handled: unicorn runs the instruction
-        b"\xc3"  # 61: ret
+        b"\x75\x2f"  # 18: jne pass
+        b"\x8b\x42\x10"  # 20: mov eax, [rdx+16] ; op2
+        b"\x83\xf8\x01"  # 23: cmp eax, 1        ; DAIF
+        b"\x75\x27"  # 26: jne pass
+        b"\xeb\x19"  # 28: jmp python (55)
+        b"\x8b\x42\x04"  # 30 timer: mov eax, [rdx+4]
+        b"\x83\xf8\x02"  # 33: cmp eax, 2
+        b"\x74\x11"  # 36: je python
+        b"\x83\xf8\x03"  # 38: cmp eax, 3
+        b"\x74\x0c"  # 41: je python
+        b"\x85\xc0"  # 43: test eax, eax
+        b"\x75\x14"  # 45: jne pass
+        b"\x8b\x42\x10"  # 47: mov eax, [rdx+16] ; op2
+        b"\x83\xf8\x01"  # 50: cmp eax, 1        ; CNTPCT
+        b"\x75\x0c"  # 53: jne pass
+        b"\x48\xb8" + struct.pack("<Q", target)  # 55 python: movabs rax, target
+        + b"\xff\xe0"  # 65: jmp rax (tail call, arguments untouched)
+        b"\x31\xc0"  # 67 pass: xor eax, eax    ; not handled: unicorn runs the instruction
+        b"\xc3"  # 69: ret
     )
 
 
