@@ -109,9 +109,8 @@ class Armv8Machine:
         self._ticker: threading.Thread | None = None
         self.error: str | None = None  # first vCPU fault, else None
         self.stopped = threading.Event()  # set when every vCPU faulted or the machine closed
-        self._vcpus: list[_Vcpu] = []
         self._sysregs = SysregHook(self._on_sysreg)
-        self._vcpus = [self._make_vcpu(i) for i in range(config.vcpus)]
+        self._vcpus: list[_Vcpu] = [self._make_vcpu(i) for i in range(config.vcpus)]
         self.counter = Counter(self._vcpus[0].uc.cpr_read(*regs.CNTPCT_EL0))
         self.timers = Timers(config.vcpus, self.counter, self.gic)
         self.timers.housekeeping = self._rekick_masked

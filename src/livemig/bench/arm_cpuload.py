@@ -14,7 +14,8 @@ migrate` client) over the same window:
    migration's own duration.
 
 The per-core figures are the whole host's (other work on the host shows in them); the livemig
-figure is what its processes used, in % of one core.
+figure is what its processes used, in % of one core, in total and per core (each thread's CPU
+time put on the core it was last seen on, sampled every 20 ms).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,57 @@ def process_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def thread_cpu(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """Per thread of `pids`: (user + system jiffies, the core it last ran on)."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(fields[11]) + int(fields[12]), int(fields[36]))
+    return out
+
+
+class CoreAttribution:
+    """livemig's CPU per core: every SAMPLE_S, each thread's new CPU time is put on the core
+    it last ran on (/proc/PID/task/TID/stat); an estimate, as exact as the sampling."""
+
+    SAMPLE_S = 0.02
+
+    def __init__(self, pids: list[int], cores: int) -> None:
+        self.jiffies = [0] * cores
+        self._pids = pids
+        self._last = thread_cpu(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            now = thread_cpu(self._pids)
+            for tid, (used, core) in now.items():
+                before = self._last.get(tid, (used, core))[0]
+                if 0 <= core < len(self.jiffies):
+                    self.jiffies[core] += used - before
+            self._last = now
+
+    def add(self, pid: int) -> None:
+        """Count a process started after the window opened."""
+        self._pids = [*self._pids, pid]
+
+    def close(self) -> list[int]:
+        self._stop.set()
+        self._thread.join()
+        return self.jiffies
+
+
 @dataclass
 class Window:
     """A sampling window over the host's cores and some named processes."""
@@ -71,10 +124,12 @@ class Window:
         self.t0 = time.monotonic()
         self.cores0 = core_jiffies()
         self.procs0 = {n: process_seconds(p) for n, p in self.pids.items()}
+        self.attribution = CoreAttribution(list(self.pids.values()), len(self.cores0))
 
     def close(self, ended: dict[str, float] | None = None) -> dict[str, Any]:
         """Loads since the start; `ended` = CPU seconds of processes that ended meanwhile."""
         elapsed = time.monotonic() - self.t0
+        mine = self.attribution.close()
         cores = core_jiffies()
         per = [100.0 * (b1 - b0) / max(1, t1 - t0)
                for (b0, t0), (b1, t1) in zip(self.cores0, cores, strict=True)]
@@ -84,7 +139,8 @@ class Window:
         used.update(ended or {})
         pct = {n: 100.0 * v / max(elapsed, 1e-9) for n, v in used.items()}
         return {"seconds": elapsed, "per_core_pct": per, "host_pct": 100.0 * busy / max(1, total),
-                "livemig_pct": sum(pct.values()), "by_process_pct": pct}
+                "livemig_pct": sum(pct.values()), "by_process_pct": pct,
+                "livemig_per_core_pct": [100.0 * j / _TICK / max(elapsed, 1e-9) for j in mine]}
 
 
 def _heartbeats(sock: str) -> int:
@@ -101,7 +157,7 @@ def _sample(pair: MigrationPair, seconds: float, name: str, guest: str) -> dict[
     time.sleep(seconds)
     res = w.close()
     rate = (_heartbeats(pair.src_sock) - hb0) / res["seconds"]
-    return {"state": name, "guest": f"{guest}, {rate:.0f} hb/s", **res}
+    return {"state": name, "guest": guest, "heartbeats_per_s": rate, **res}
 
 
 def _migrate(pair: MigrationPair) -> dict[str, Any]:
@@ -110,13 +166,15 @@ def _migrate(pair: MigrationPair) -> dict[str, Any]:
     w = Window(_pids(pair))
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        w.attribution.add(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         res = w.close({"migrate client": usage.ru_utime + usage.ru_stime})
         if proc.returncode != 0:
             err.seek(0)
             raise LoadError(f"the migration failed: {err.read().decode().strip()[-300:]}")
-    return {"state": "during migration", "guest": "cpustate, migrating", **res}
+    return {"state": "during migration", "guest": "cpustate, migrating",
+            "heartbeats_per_s": None, **res}
 
 
 def _started(pair: MigrationPair) -> None:
@@ -162,9 +220,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     xs = range(len(states))
     for c in range(cores):
         ax.bar([x + c * width for x in xs], [s["per_core_pct"][c] for s in states], width,
-               label=f"host cpu{c}")
+               label=f"host cpu{c}", alpha=0.35, color=f"C{c}")
+        ax.bar([x + c * width for x in xs], [s["livemig_per_core_pct"][c] for s in states],
+               width * 0.6, label=f"livemig on cpu{c}", color=f"C{c}")
     ax.bar([x + cores * width for x in xs], [s["livemig_pct"] for s in states], width,
-           label="livemig processes (% of one core)", color="black", alpha=0.7)
+           label="livemig total (% of one core)", color="black", alpha=0.7)
     ax.set_xticks([x + cores * width / 2 for x in xs], [s["state"] for s in states])
     ax.set_ylabel("CPU load (%)")
     ax.set_title(f"Host CPU load in the thesis' four states (ARM board, {report['vcpus']} vCPUs)")

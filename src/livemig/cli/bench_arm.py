@@ -87,7 +87,7 @@ def _cell(trials: list[dict[str, Any]], guest: str, group: str) -> str:
     mine = [t for t in trials if t["guest"] == guest and t["group"] == group]
     worst, text = arm_essential.summary(mine)
     detail = next((t["detail"] for t in mine if t["outcome"] == worst and t["detail"]), "")
-    return text + (f": {detail[:40]}" if detail else "")
+    return text + (f": {detail[:60]}" if detail else "")
 
 
 @click.command("cpu-load")
@@ -109,15 +109,18 @@ def cpu_load(seconds: float, mem: int, vcpus: int, out: str | None, as_json: boo
     cores = report["cores"]
     t = Table(title=f"Host CPU load per core (%), ARM board, {vcpus} vCPUs, "
                     f"{seconds:g} s per state", **STYLE)
-    for col in ("state", *[f"cpu{c}" for c in range(cores)], "all", "livemig", "src", "dst",
-                "client", "guest"):
+    for col in ("state", "s", *[f"cpu{c}" for c in range(cores)], "all",
+                *[f"lm{c}" for c in range(cores)], "livemig", "src", "dst", "client", "hb/s"):
         t.add_column(col, justify="right" if col != "state" else "left")
     for s in report["states"]:
         by = s["by_process_pct"]
-        t.add_row(s["state"], *[f"{v:.1f}" for v in s["per_core_pct"]], f"{s['host_pct']:.1f}",
+        t.add_row(s["state"], f"{s['seconds']:.1f}", *[f"{v:.0f}" for v in s["per_core_pct"]],
+                  f"{s['host_pct']:.0f}", *[f"{v:.1f}" for v in s["livemig_per_core_pct"]],
                   f"{s['livemig_pct']:.1f}", *[f"{by[k]:.1f}" if k in by else "-" for k in
                                                ("source", "destination", "migrate client")],
-                  s["guest"])
-    _emit(report, as_json, t, ["per core and all: the whole host (/proc/stat, other work "
-                               "included); livemig = src + dst + client: its processes, % of "
-                               "one core"], files)
+                  "-" if s["heartbeats_per_s"] is None else f"{s['heartbeats_per_s']:.0f}")
+    _emit(report, as_json, t, ["s = window; cpuN, all: the whole host's load (/proc/stat, "
+                               "other work included); lmN: livemig's processes on core N; "
+                               "livemig = src + dst + client, % of one core; hb/s: the guest's "
+                               "heartbeats (board booted = guest paused; guest booted = idle; "
+                               "running = cpustate)"], files)
