@@ -70,12 +70,16 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _baud(baud: int) -> str:
+    return f"{baud} baud serial model" if baud else "no serial model"
+
+
 def print_udp_report(report: dict[str, Any], out: Console) -> None:
     """--transport udp: the thesis' interval and livemig's, per register count, and Table 6."""
     udp = report["udp"]
     t = Table(title=f"Table 5 over UDP: {report['vcpus']} vCPUs, median of {report['repeat']}",
               caption=f"ms; thesis = its Table 5; thesis interval = capture + console "
-                      f"({udp['console_baud'] or 'unthrottled'} baud) + sendto of "
+                      f"({_baud(udp['console_baud'])}) + sendto of "
                       f"{udp['datagram_bytes']} bytes; livemig = capture + send + adopt + ack",
               **STYLE)
     for col in ("regs", "thesis", "interval", "livemig", "capture", "print", "rtt", "adopt",
