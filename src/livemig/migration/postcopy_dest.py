@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,15 +101,20 @@ class UffdPlacer:
 
     def _fill(self, first: int, count: int, data: np.ndarray | None) -> None:
         """Install absent pages first..first+count, skipping any already present."""
+        if data is None:
+            self._each(first, count, lambda dst, done, n: self.uffd.zero(dst, n))
+        else:
+            self._each(first, count,
+                       lambda dst, done, n: self.uffd.copy(dst, data[done:].ctypes.data, n))
+
+    def _each(self, first: int, count: int, op: Callable[[int, int, int], int]) -> None:
+        """Run `op(address, pages done, bytes)` over pages first..first+count until all are
+        done; a page found present ends one call, and the next starts after it."""
         done = 0
         while done < count:
-            dst = self.base + (first + done) * PAGE_SIZE
             length = (count - done) * PAGE_SIZE
-            if data is None:
-                n = self.uffd.zero(dst, length)
-            else:
-                n = self.uffd.copy(dst, data[done:].ctypes.data, length)
-            done += n // PAGE_SIZE + (1 if n < length else 0)  # skip the page that was there
+            n = op(self.base + (first + done) * PAGE_SIZE, done, length)
+            done += n // PAGE_SIZE + (1 if n < length else 0)
 
     def _rewrite(self, idx: np.ndarray, data: np.ndarray | None) -> None:
         """New contents for stale pages, written through the alias, then mapped."""
@@ -125,11 +131,7 @@ class UffdPlacer:
     def map_present(self, idx: np.ndarray) -> None:
         """UFFDIO_CONTINUE pages whose contents in the memfd are right (EEXIST: mapped)."""
         for first, count in _runs_of(idx):
-            done = 0
-            while done < count:
-                length = (count - done) * PAGE_SIZE
-                n = self.uffd.cont(self.base + (first + done) * PAGE_SIZE, length)
-                done += n // PAGE_SIZE + (1 if n < length else 0)
+            self._each(first, count, lambda dst, done, n: self.uffd.cont(dst, n))
 
 
 class CheckedPlacer:

@@ -155,40 +155,29 @@ class Userfaultfd:
     def copy(self, dst: int, src: int, length: int) -> int:
         """Install `length` bytes from `src` at `dst` where nothing is yet; returns the bytes
         installed before a page already present stopped it (all of them when none was)."""
-        c = _Copy(dst, src, length, 0, 0)
-        if _libc.ioctl(self.fd, UFFDIO_COPY, ctypes.byref(c)) == 0:
-            return length
-        err = ctypes.get_errno()
-        if c.copy > 0:  # stopped part way (EAGAIN) at a page already present
-            return int(c.copy)
-        if err == errno.EEXIST:
-            return 0
-        raise UffdError(err, f"userfaultfd COPY: {os.strerror(err)}")
+        return self._install(UFFDIO_COPY, _Copy(dst, src, length, 0, 0), "copy", length)
 
     def zero(self, dst: int, length: int) -> int:
         """Install zero pages at `dst`; like `copy`, returns the bytes installed."""
-        z = _Zero(_Range(dst, length), 0, 0)
-        if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, ctypes.byref(z)) == 0:
-            return length
-        err = ctypes.get_errno()
-        if z.zeropage > 0:
-            return int(z.zeropage)
-        if err == errno.EEXIST:
-            return 0
-        raise UffdError(err, f"userfaultfd ZEROPAGE: {os.strerror(err)}")
+        return self._install(UFFDIO_ZEROPAGE, _Zero(_Range(dst, length), 0, 0), "zeropage",
+                             length)
 
     def cont(self, dst: int, length: int) -> int:
         """MINOR mode: map pages at `dst` whose contents are in the memfd; like `copy`,
         returns the bytes mapped (0 when the first was mapped already)."""
-        c = _Continue(_Range(dst, length), 0, 0)
-        if _libc.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.byref(c)) == 0:
+        return self._install(UFFDIO_CONTINUE, _Continue(_Range(dst, length), 0, 0), "mapped",
+                             length)
+
+    def _install(self, code: int, arg: ctypes.Structure, done_field: str, length: int) -> int:
+        if _libc.ioctl(self.fd, code, ctypes.byref(arg)) == 0:
             return length
         err = ctypes.get_errno()
-        if c.mapped > 0:
-            return int(c.mapped)
+        done = int(getattr(arg, done_field))
+        if done > 0:  # stopped part way (EAGAIN) at a page already present
+            return done
         if err == errno.EEXIST:
             return 0
-        raise UffdError(err, f"userfaultfd CONTINUE: {os.strerror(err)}")
+        raise UffdError(err, f"userfaultfd {done_field}: {os.strerror(err)}")
 
     def wake(self, dst: int, length: int) -> None:
         """Let threads waiting on a range whose pages are present go on."""
