@@ -37,8 +37,10 @@ def test_verify_guest_1g(machines, tmp_path: Path, mode: str) -> None:
     pushed; --verify-memory checks each page as it lands."""
     stats = migrate_verify_guest(machines, tmp_path, *MODES[mode], mem="1G")
     f = stats["faults"]
-    assert f["pushed"] + f["pulled"] > 0 and f["count"] >= f["pulled"] > 0, f
-    assert stats["mode"] == mode and stats["faults"]["last_page_ms"] > 0
+    assert stats["mode"] == mode and any(e["event"] == "postcopy" for e in stats["events"])
+    if mode == "postcopy":  # hybrid owes only what the guest dirtied since its last round
+        assert f["pushed"] > 0 and f["count"] >= f["pulled"] > 0, f
+        assert f["last_page_ms"] > 0
 
 
 @pytest.mark.parametrize("mode", MODES)
