@@ -221,3 +221,47 @@ def test_timer_works_with_the_python_sysreg_hook(monkeypatch: pytest.MonkeyPatch
         assert m.probe.counts[ProbeKind.FAIL] == 0 and m.faults == []
     finally:
         m.close()
+
+
+def test_gic_priorities_active_state_levels_and_sgi_sources() -> None:
+    """The GIC model through its registers (what a guest's MMIO accesses reach)."""
+    kicked: list[int] = []
+    g = Gic(2, kicked.append)
+    g.dist_write(0, 0x000, 4, 1)  # GICD_CTLR
+    for cpu in (0, 1):
+        g.cpu_write(cpu, 0x04, 0xFF)  # PMR
+        g.cpu_write(cpu, 0x00, 1)  # GICC_CTLR
+    g.dist_write(0, 0x104, 4, (1 << (40 - 32)) | (1 << (41 - 32)))  # ISENABLER1: SPI 40, 41
+    g.dist_write(0, 0x400 + 40, 1, 0x80)
+    g.dist_write(0, 0x400 + 41, 1, 0x40)
+    g.dist_write(0, 0x800 + 40, 2, 0x0101)  # SPI 40 and 41 to vCPU 0
+    g.dist_write(0, 0xC08, 4, 0b1010 << 16)  # ICFGR2: SPI 40, 41 edge-triggered
+    assert not g.irq_line(0)
+    g.pulse(40)
+    g.pulse(41)
+    assert g.irq_line(0) and not g.irq_line(1) and 0 in kicked
+    assert g.cpu_read(0, 0x0C) == 41  # IAR: the higher priority (lower value) first
+    assert g.cpu_read(0, 0x14) == 0x40  # running priority
+    assert not g.irq_line(0)  # 40 (0x80) does not preempt the active 41 (0x40)
+    g.cpu_write(0, 0x10, 41)  # EOIR
+    assert g.irq_line(0) and g.cpu_read(0, 0x0C) == 40
+    g.cpu_write(0, 0x10, 40)
+    assert not g.irq_line(0) and g.cpu_read(0, 0x0C) == 1023 and g.cpu_read(0, 0x14) == 0xFF
+    # a level-triggered PPI stays pending while its line is high, also across its EOI
+    g.dist_write(1, 0x100, 4, 1 << PPI_CNTV)  # banked: vCPU 1's PPI 27
+    g.dist_write(1, 0x400 + PPI_CNTV, 1, 0x20)
+    g.set_level(1, PPI_CNTV, True)
+    assert g.irq_line(1) and not g.irq_line(0)
+    assert g.cpu_read(1, 0x0C) == PPI_CNTV
+    g.cpu_write(1, 0x10, PPI_CNTV)
+    assert g.irq_line(1)  # still high: pending again
+    assert g.cpu_read(1, 0x0C) == PPI_CNTV
+    g.set_level(1, PPI_CNTV, False)  # the handler moved the deadline
+    g.cpu_write(1, 0x10, PPI_CNTV)
+    assert not g.irq_line(1)
+    # SGI 3 from vCPU 1 to vCPU 0: IAR names the source in bits 12:10
+    g.dist_write(0, 0x100, 4, 1 << 3)
+    g.dist_write(1, 0xF00, 4, (1 << 16) | 3)
+    assert g.irq_line(0) and g.cpu_read(0, 0x0C) == 3 | 1 << 10
+    g.cpu_write(0, 0x10, 3 | 1 << 10)
+    assert not g.irq_line(0)
