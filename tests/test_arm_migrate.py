@@ -31,7 +31,7 @@ CASES = [
     ("verify", "wss=4M rate=5000", "precopy", ALL_AT_ONCE),
     ("verify", "wss=4M rate=5000", "postcopy", ()),
     ("cpustate", "hb=50", "postcopy", ()),
-    ("verify", "wss=4M rate=5000", "hybrid", ("--postcopy-after", "2")),
+    ("verify", "wss=4M rate=5000", "hybrid", ("--postcopy-after", "1")),
     ("cpustate", "hb=50", "hybrid", ("--postcopy-after", "1")),
 ]
 

@@ -28,7 +28,7 @@ pytestmark = needs_kvm
 
 
 MODES = {"postcopy": ("--mode", "postcopy"),
-         "hybrid": ("--mode", "hybrid", "--postcopy-after", "2")}
+         "hybrid": ("--mode", "hybrid", "--postcopy-after", "1")}
 
 
 @pytest.mark.parametrize("mode", MODES)
