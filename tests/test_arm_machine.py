@@ -29,7 +29,7 @@ def last_per_vcpu(m: Armv8Machine, kind: ProbeKind) -> dict[int, int]:
     return out
 
 
-def wait_for(m: Armv8Machine, kind: ProbeKind, n: int, timeout: float = 15.0) -> None:
+def wait_for(m: Armv8Machine, kind: ProbeKind, n: int, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while m.probe.counts[kind] < n and time.monotonic() < end:
         time.sleep(0.05)
