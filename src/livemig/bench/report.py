@@ -170,6 +170,8 @@ def _fmt(v: Any, unit: str = "") -> str:
         return "-"
     if unit == "MiB" and _is_number(v):
         return f"{v / (1 << 20):,.1f} MiB"
+    if unit == "us" and _is_number(v):  # a figure in ms, shown in microseconds
+        return f"{v * 1000:,.0f} us"
     if isinstance(v, float):
         return f"{v:,.1f}{' ' + unit if unit else ''}"
     if isinstance(v, int) and not isinstance(v, bool):
@@ -228,6 +230,21 @@ GRID_TABLE_ROWS: list[tuple[str, tuple[str, ...], str, str | None]] = [
     ("link bytes", ("link_bytes",), "MiB", "link_bytes"),
 ]
 
+# Rows shown where a side post-copied: its fault figures (QEMU gives a count and the vCPU
+# time blocked, not the latency: "n/a").
+FAULT_TABLE_ROWS: list[tuple[str, tuple[str, ...], str]] = [
+    ("mode", ("mode",), ""),
+    ("faults", ("faults", "count"), ""),
+    ("fault p50", ("faults", "latency_ms", "p50"), "us"),
+    ("fault p99", ("faults", "latency_ms", "p99"), "us"),
+    ("vCPU blocked", ("faults", "blocked_ms"), "ms"),
+    ("pages pushed", ("faults", "pushed"), ""),
+    ("pages pulled", ("faults", "pulled"), ""),
+    ("last page at", ("faults", "last_page_ms"), "ms"),
+]
+POSTCOPY_MODES = ("postcopy", "hybrid")
+ALWAYS_SHOWN = ("fault p50", "fault p99", "vCPU blocked")  # the goals' figures, even as n/a
+
 
 def _fmt_pages(side: Mapping[str, Any]) -> str | None:
     """Pages per codec, e.g. "raw 4,120, xbzrle 4,089" (QEMU: its normal/zero pages as raw/zero,
@@ -240,6 +257,24 @@ def _fmt_pages(side: Mapping[str, Any]) -> str | None:
     if isinstance(x, Mapping) and _is_number(x.get("pages")):
         counts["xbzrle"] = x["pages"]
     return ", ".join(f"{k} {int(v):,}" for k, v in counts.items()) or None
+
+
+def _fault_lines(lm: Mapping[str, Any], qm: Mapping[str, Any]) -> list[tuple[str, str, str,
+                                                                               str]]:
+    """Fault figures of a row where either side post-copied; a figure a post-copying side does
+    not measure is "n/a"."""
+    sides = (lm, qm)
+    if not any(side.get("mode") in POSTCOPY_MODES for side in sides):
+        return []
+
+    def cell(side: Mapping[str, Any], path: tuple[str, ...], unit: str) -> str:
+        v = _get(side, path)
+        if v is None and isinstance(side.get("faults"), Mapping):
+            return "n/a"
+        return _fmt(v, unit)
+    return [(label, cell(lm, path, unit), cell(qm, path, unit), "")
+            for label, path, unit in FAULT_TABLE_ROWS
+            if label in ALWAYS_SHOWN or any(_get(side, path) is not None for side in sides)]
 
 
 def _why(side: Mapping[str, Any]) -> str | None:
@@ -260,7 +295,7 @@ def grid_table(grid: Mapping[str, Any]) -> Table:
                None)
     version = next((r["qemu"].get("qemu_version") for r in reps
                     if r.get("qemu", {}).get("qemu_version")), None)
-    title = (f"precopy grid: hotset mem={_fmt(settings.get('mem'), 'MiB')} "
+    title = (f"{grid.get('grid', 'precopy')}: hotset mem={_fmt(settings.get('mem'), 'MiB')} "
              f"wss={settings.get('wss')} vcpus={settings.get('vcpus')} "
              f"repeat={settings.get('repeat')} (medians)")
     caption = ", ".join(x for x in (f"QEMU {version}" if version else "",
@@ -282,6 +317,7 @@ def grid_table(grid: Mapping[str, Any]) -> Table:
                 continue
             r = rats.get(rname) if rname else None
             lines.append((label, _fmt(a, unit), _fmt(b, unit), _fmt_ratio(r)))
+        lines += _fault_lines(lm, qm)
         pa, pb = _fmt_pages(lm), _fmt_pages(qm)
         if pa or pb:
             lines.append(("pages", pa or "-", pb or "-", ""))
@@ -334,7 +370,8 @@ def goals_table(grid: Mapping[str, Any]) -> Table:
     table.add_column("", no_wrap=True)
     for g in grid.get("goals", []):
         v, met = g.get("value"), g.get("met")
-        table.add_row(str(g.get("goal")), "-" if v is None else f"{v:.2f}",
+        note = f" ({g['note']})" if g.get("note") else ""
+        table.add_row(f"{g.get('goal')}{note}", "-" if v is None else f"{v:.2f}",
                       str(g.get("target")),
                       "not measured" if met is None else ("met" if met else "not met"))
     return table
