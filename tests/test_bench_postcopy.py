@@ -60,7 +60,8 @@ def test_bench_postcopy_quick() -> None:
             assert rep["ratios"]["total"] is not None and rep["ratios"]["total"] > 0
         else:  # switched once the rounds were done (unless it completed as pre-copy first)
             assert qm["mode"] in ("postcopy", "precopy"), qm
-            assert qm["postcopy_round"] >= int(name.split("-")[1]) + 1, qm
+            if qm["mode"] == "postcopy":
+                assert qm["postcopy_round"] >= int(name.split("-")[1]) + 1, qm
     goals = {(g["row"], g["figure"]): g for g in out["goals"]}
     assert set(goals) == {("postcopy", "total"), ("hybrid-1", "downtime"),
                           ("hybrid-5", "downtime"),
@@ -78,7 +79,7 @@ def test_rows_configure_both_sides_alike() -> None:
         r = rows[f"hybrid-{n}"]
         assert r.mode == "hybrid" and r.livemig_args == ("--postcopy-after", str(n))
         assert r.qemu["postcopy_after"] == n
-    assert all(r.link == "1gbit" and r.qemu["downtime_limit_ms"] == 1 for r in rows.values())
+    assert all(r.link == "1gbit" for r in rows.values())
     # The fault latency goal is for loopback.
     assert len(pcbench.postcopy_goals(None)) == len(pcbench.postcopy_goals("1gbit")) + 1
 
@@ -105,16 +106,21 @@ def _fake_result() -> dict[str, Any]:
             "blocked_ms": 3.0, "pushed": 100, "pulled": 7, "last_page_ms": 90.0}
     qemu_pc = {"count": 2, "blocked_ms": 5.0, "latency_ms": None}
     reps = []
-    for name, lm_mode, qm in (("postcopy", "postcopy", _side("postcopy", 200, 2, qemu_pc)),
-                              ("hybrid-1", "hybrid", _side("postcopy", 100, 4, qemu_pc)),
-                              ("hybrid-5", "hybrid", _side("precopy", 300, 40, None))):
-        rep = report.build_report(name, [_side(lm_mode, 100, 10, ours)], [qm],
-                                  ratio_keys=report.GRID_RATIO_KEYS)
-        rep.update(row=name, network="loopback (host)")
+    for name, lm_mode, qms in (
+            ("postcopy", "postcopy", [_side("postcopy", 200, 2, qemu_pc)]),
+            # one QEMU run of two completed as pre-copy: left out of QEMU's medians
+            ("hybrid-1", "hybrid", [_side("precopy", 300, 40, None),
+                                    _side("postcopy", 100, 4, qemu_pc)]),
+            ("hybrid-5", "hybrid", [_side("precopy", 300, 40, None)])):
+        ours_runs = [_side(lm_mode, 100, 10, ours)]
+        rep = report.build_report(name, ours_runs, qms, ratio_keys=report.GRID_RATIO_KEYS)
+        rep.update(row=name, network="loopback (host)", runs={"livemig": ours_runs,
+                                                               "qemu": qms})
+        pcbench.only_postcopy_runs(rep)
         reps.append(rep)
     result = {"grid": "postcopy", "settings": {"mem": 1 << 30, "wss": "100M"}, "rows": reps,
               "goals": grid.check_goals(reps, pcbench.postcopy_goals())}
-    pcbench._compared_with_postcopy(result)
+    pcbench.compared_with_postcopy(result)
     return result
 
 
@@ -122,7 +128,9 @@ def test_goals_need_qemu_to_have_post_copied() -> None:
     res = _fake_result()
     goals = {(g["row"], g["figure"]): g for g in res["goals"]}
     assert goals[("postcopy", "total")]["value"] == 0.5 and goals[("postcopy", "total")]["met"]
-    assert goals[("hybrid-1", "downtime")]["met"] is False  # 10 ms vs 4 ms
+    h1 = goals[("hybrid-1", "downtime")]
+    assert h1["value"] == 2.5 and h1["met"] is False  # 10 ms vs 4 ms (the post-copy run)
+    assert h1["note"] == "1 of 2 QEMU runs completed as pre-copy, left out"
     h5 = goals[("hybrid-5", "downtime")]
     assert h5["met"] is None and "precopy" in h5["note"]  # QEMU did not post-copy
     p50 = goals[("postcopy", "livemig.faults.latency_ms.p50")]

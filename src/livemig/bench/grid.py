@@ -296,8 +296,10 @@ def _line(row: str, who: str, i: int, n: int, r: dict[str, Any]) -> str:
     mib = (r.get("bytes_sent") or 0) / 2**20
     faults = r.get("faults") or {}
     pulled = f", {faults.get('count')} faults" if faults.get("count") else ""
+    gap = r.get("guest_gap_ms")
     return (f"{head} ({r.get('mode')}) total {r.get('total_ms', 0):.0f} ms, downtime "
-            f"{r.get('downtime_ms', 0):.0f} ms, gap {r.get('guest_gap_ms') or 0:.0f} ms, "
+            f"{r.get('downtime_ms', 0):.0f} ms, gap "
+            f"{'n/a' if gap is None else f'{gap:.0f} ms'}, "
             f"{mib:.1f} MiB, {r.get('rounds')} rounds{pulled}")
 
 

@@ -126,8 +126,9 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
 @click.option("--wss", default="100M", show_default=True, help="hotset working set")
 @click.option("--vcpus", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
-@click.option("--max-downtime", type=float, default=300.0, show_default=True,
-              help="livemig's, ms (QEMU's limit is 1 ms here, so that it post-copies)")
+@click.option("--max-downtime", type=click.FloatRange(min=1),
+              default=pcbench.DOWNTIME_LIMIT_MS, show_default=True,
+              help="both sides' downtime limit, ms (low: neither ends pre-copy early)")
 @click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True,
               help="how livemig's two sides authenticate (tls: encrypted too)")
 @click.option("--rows", default=None, metavar="A,B,...",
