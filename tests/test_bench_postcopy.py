@@ -14,7 +14,7 @@ from rich.console import Console
 
 from livemig.bench import grid, report
 from livemig.bench import postcopy as pcbench
-from livemig.bench.qemu import QemuMigrationConfig, migration_settings
+from livemig.bench.qemu import QemuMigrationConfig, migration_settings, stop_to_resume_ms
 
 HAS_QEMU = shutil.which("qemu-system-x86_64") is not None
 
@@ -51,6 +51,8 @@ def test_bench_postcopy_quick() -> None:
             continue
         assert qm["status"] == "completed", (name, qm)
         assert qm["heartbeats"]["continue"], (name, qm)
+        # The guest's pause seen from the QMP events covers QEMU's own downtime figure.
+        assert qm["stop_to_resume_ms"] is not None and qm["stop_to_resume_ms"] > 0, qm
         assert qm["settings"]["source"]["capabilities"]["postcopy-ram"] is True
         assert qm["settings"]["dest"]["capabilities"] == {"postcopy-ram": True,
                                                           "postcopy-blocktime": True}
@@ -64,7 +66,8 @@ def test_bench_postcopy_quick() -> None:
                 assert qm["postcopy_round"] >= int(name.split("-")[1]) + 1, qm
     goals = {(g["row"], g["figure"]): g for g in out["goals"]}
     assert set(goals) == {("postcopy", "total"), ("hybrid-1", "downtime"),
-                          ("hybrid-5", "downtime"),
+                          ("hybrid-1", "stop_to_resume"), ("hybrid-5", "downtime"),
+                          ("hybrid-5", "stop_to_resume"),
                           ("postcopy", "livemig.faults.latency_ms.p50")}
     if HAS_QEMU:
         assert goals[("postcopy", "total")]["value"] == rows["postcopy"]["ratios"]["total"]
@@ -96,6 +99,8 @@ def _side(mode: str, total: float, down: float, faults: dict[str, Any] | None) -
     d: dict[str, Any] = {"status": "completed", "mode": mode, "total_ms": total,
                          "downtime_ms": down, "guest_gap_ms": 50.0, "rounds": 2,
                          "bytes_sent": 1 << 20}
+    if mode != "hybrid":  # QEMU's: its pause from the events, longer than its own figure
+        d["stop_to_resume_ms"] = down * 5
     if faults is not None:
         d["faults"] = faults
     return d
@@ -131,6 +136,8 @@ def test_goals_need_qemu_to_have_post_copied() -> None:
     h1 = goals[("hybrid-1", "downtime")]
     assert h1["value"] == 2.5 and h1["met"] is False  # 10 ms vs 4 ms (the post-copy run)
     assert h1["note"] == "1 of 2 QEMU runs completed as pre-copy, left out"
+    h1 = goals[("hybrid-1", "stop_to_resume")]
+    assert h1["value"] == 0.5 and h1["met"]  # 10 ms vs 20 ms from STOP to RESUME
     h5 = goals[("hybrid-5", "downtime")]
     assert h5["met"] is None and "precopy" in h5["note"]  # QEMU did not post-copy
     p50 = goals[("postcopy", "livemig.faults.latency_ms.p50")]
@@ -146,6 +153,17 @@ def test_table_shows_faults_and_what_qemu_does_not_measure() -> None:
         assert label in text
     assert "150 us" in text and "n/a" in text
     assert "QEMU completed as precopy, not post-copy" in text
+
+
+def test_stop_to_resume_from_qmp_events() -> None:
+    def ev(name: str, t: float) -> dict[str, Any]:
+        return {"event": name, "timestamp": {"seconds": int(t), "microseconds":
+                                             round((t - int(t)) * 1e6)}}
+    src = [ev("STOP", 100.0), ev("RESUME", 100.5), ev("STOP", 101.25)]
+    dst = [ev("RESUME", 101.5), ev("STOP", 102.0)]
+    assert stop_to_resume_ms(src, dst) == pytest.approx(250.0)
+    assert stop_to_resume_ms(src, []) is None
+    assert stop_to_resume_ms([ev("STOP", 103.0)], dst) is None  # RESUME came before
 
 
 @pytest.mark.parametrize("args", [["--link", "fast"], ["--rows", "hybrid-3"]])

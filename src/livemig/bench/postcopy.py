@@ -20,7 +20,10 @@ say so). A QEMU run that completed as pre-copy all the same is left out of QEMU'
 Figures: livemig's from `migrate --json` (``total_ms`` up to the last page's arrival,
 ``faults`` with latency percentiles and vCPU time blocked); QEMU's from the source's
 ``query-migrate`` (``total-time``, ``downtime``, ``ram.postcopy-requests`` as the fault count)
-and the destination's ``postcopy-blocktime``; QEMU does not measure fault latency.
+and the destination's ``postcopy-blocktime``; QEMU does not measure fault latency. QEMU's own
+post-copy ``downtime`` ends once the source has sent the device state, before the
+destination runs; ``stop_to_resume_ms`` (source STOP to destination RESUME events) is the span
+livemig's ``downtime_ms`` covers, and the hybrid goals are checked against both.
 """
 
 from __future__ import annotations
@@ -56,8 +59,13 @@ def postcopy_goals(link: str | None = None) -> list[Goal]:
     """The issue's goals (issue 10); the fault latency goal is for loopback only."""
     goals: list[Goal] = [("postcopy", "total", "<=", 1.0,
                           "post-copy total <= 1.0x QEMU's post-copy")]
-    goals += [(f"hybrid-{n}", "downtime", "<=", 1.0,
-               f"hybrid (after {n}) downtime <= QEMU's postcopy after {n}") for n in ROUNDS]
+    for n in ROUNDS:
+        goals += [(f"hybrid-{n}", "downtime", "<=", 1.0,
+                   f"hybrid (after {n}) downtime <= QEMU's postcopy after {n} (QEMU's own "
+                   "figure)"),
+                  (f"hybrid-{n}", "stop_to_resume", "<=", 1.0,
+                   f"hybrid (after {n}) downtime <= QEMU's postcopy after {n} (QEMU: source "
+                   "STOP to destination RESUME)")]
     if link is None:
         goals.append(("postcopy", "livemig.faults.latency_ms.p50", "<=", FAULT_P50_GOAL_MS,
                       "post-copy fault latency p50 <= 0.2 ms on loopback"))

@@ -247,6 +247,12 @@ class QmpSync:
         except QMPError as e:
             raise QemuError(f"QMP {name} failed: {e}") from e
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every QMP event received since the last call (``event``, ``timestamp``, ``data``)."""
+        async def take() -> list[dict[str, Any]]:
+            return [dict(m) for m in self._client.events.clear()]
+        return self._run(take(), timeout=5.0)
+
     def close(self) -> None:
         """Disconnect (ignoring errors) and stop the loop thread."""
         with contextlib.suppress(BaseException):
@@ -392,6 +398,10 @@ class QemuMigrationResult:
     destination's postcopy-blocktime (vCPU time blocked on faults; None when QEMU gave none),
     ``latency_ms`` None (QEMU does not measure it); ``postcopy_round`` is the
     dirty-sync-count when `migrate-start-postcopy` was sent.
+    ``stop_to_resume_ms``: from the source's STOP event to the destination's RESUME event (QMP
+    event timestamps, the host's clock): the guest's pause as livemig's ``downtime_ms``
+    counts it. QEMU's own ``downtime`` ends, in post-copy, once the source has *sent* the
+    device state, before the destination has loaded it and started the vCPUs.
     ``guest_gap_ms`` is the largest gap between guest heartbeats seen on the serial ports
     (host arrival time), source and destination merged, from the last one before migration
     started; it includes one heartbeat period.
@@ -417,6 +427,7 @@ class QemuMigrationResult:
     settings: dict[str, Any] = field(default_factory=dict)
     faults: dict[str, Any] | None = None
     postcopy_round: int | None = None
+    stop_to_resume_ms: float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -433,6 +444,7 @@ class QemuMigrationResult:
             "cpu_model": self.cpu_model,
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
+            "stop_to_resume_ms": self.stop_to_resume_ms,
             "setup_ms": self.setup_ms,
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
@@ -674,6 +686,25 @@ def _blocktime_ms(dst: QemuProcess, wait_s: float = 10.0) -> float | None:
         time.sleep(0.05)
 
 
+def _event_time(events: list[dict[str, Any]], name: str, last: bool) -> float | None:
+    times = [float(e["timestamp"]["seconds"]) + float(e["timestamp"]["microseconds"]) / 1e6
+             for e in events if e.get("event") == name and isinstance(e.get("timestamp"), dict)]
+    if not times:
+        return None
+    return times[-1] if last else times[0]
+
+
+def stop_to_resume_ms(src_events: list[dict[str, Any]],
+                      dst_events: list[dict[str, Any]]) -> float | None:
+    """The source's last STOP to the destination's first RESUME after it, in ms (None when
+    either event is missing)."""
+    stop = _event_time(src_events, "STOP", last=True)
+    resume = _event_time(dst_events, "RESUME", last=False)
+    if stop is None or resume is None or resume < stop:
+        return None
+    return (resume - stop) * 1000.0
+
+
 def _result(info: dict[str, Any], src_hb: list[tuple[float, int]],
             dst_hb: list[tuple[float, int]], t_start: float) -> QemuMigrationResult:
     """Turn a final ``query-migrate`` answer and the heartbeats into a result."""
@@ -723,6 +754,8 @@ def _migrate(src: QemuProcess, dst: QemuProcess, cfg: QemuMigrationConfig) -> Qe
         dst.serial.wait_heartbeats(cfg.settle_heartbeats, cfg.boot_timeout_s, alive=dst.alive)
     res = _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
     res.settings = settings
+    with contextlib.suppress(QemuError, TimeoutError):
+        res.stop_to_resume_ms = stop_to_resume_ms(src.qmp.events(), dst.qmp.events())
     if switch.after is not None:
         res.postcopy_round = switch.sent_at
         ram = info.get("ram", {})
