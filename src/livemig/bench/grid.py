@@ -50,6 +50,7 @@ class Row:
     title: str
     livemig_args: tuple[str, ...] = ()
     qemu: dict[str, Any] = field(default_factory=dict)  # QemuMigrationConfig fields
+    mode: str = "precopy"  # livemig's --mode
     workload: str = "hotset"
     mem: int | None = None  # bytes; None: the grid's --mem
     link: str | None = None  # None: loopback; else a tc rate on a netns veth pair
@@ -69,6 +70,8 @@ class GridSettings:
     auth: str = "psk"
     timeout_s: float = 120.0  # each livemig / QEMU migration
     netns: bool = True  # loopback rows in a private namespace (link bytes counted) when root
+    vs_qemu: bool = True  # run QEMU's side of every row
+    raw_copy: bool = True  # measure the raw socket copy after each repeat
 
 
 def grid_rows(settings: GridSettings) -> list[Row]:
@@ -97,16 +100,16 @@ def grid_rows(settings: GridSettings) -> list[Row]:
 ROW_NAMES = tuple(r.name for r in grid_rows(GridSettings()))
 
 
-def parse_rows(text: str) -> list[str]:
+def parse_rows(text: str, known: Sequence[str] = ROW_NAMES) -> list[str]:
     """Row names from ``a,b,c`` (order kept, repeats dropped); ValueError (one line) for an
-    unknown or missing name."""
+    unknown or missing name (of ``known``: the grid's rows by default)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--rows names no row (rows: {', '.join(ROW_NAMES)})")
-    unknown = [n for n in names if n not in ROW_NAMES]
+        raise ValueError(f"--rows names no row (rows: {', '.join(known)})")
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown row{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(repr(n) for n in unknown)} (rows: {', '.join(ROW_NAMES)})")
+                         f"{', '.join(repr(n) for n in unknown)} (rows: {', '.join(known)})")
     return list(dict.fromkeys(names))
 
 
@@ -172,7 +175,7 @@ def _livemig(row: Row, s: GridSettings, net: netns.Network) -> dict[str, Any]:
     mem = row.mem or s.mem
     downtime = row.max_downtime_ms if row.max_downtime_ms is not None else s.max_downtime_ms
     cmdline = f"wss={s.wss}" if row.workload == "hotset" else ""
-    sc = LivemigScenario(row.workload, f"{mem >> 20}M", s.vcpus, cmdline, "precopy",
+    sc = LivemigScenario(row.workload, f"{mem >> 20}M", s.vcpus, cmdline, row.mode,
                          ["--max-downtime", str(downtime), *row.livemig_args],
                          timeout_s=s.timeout_s, auth=s.auth, dst_host=net.dst_host,
                          src_prefix=net.src_prefix, dst_prefix=net.dst_prefix)
@@ -189,12 +192,12 @@ def _qemu(row: Row, s: GridSettings, net: netns.Network) -> dict[str, Any]:
     mem = row.mem or s.mem
     downtime = row.max_downtime_ms if row.max_downtime_ms is not None else s.max_downtime_ms
     cmdline = f"wss={s.wss}" if row.workload == "hotset" else ""
+    fields: dict[str, Any] = {"downtime_limit_ms": int(downtime), **row.qemu}
     try:
         cfg = QemuMigrationConfig(guest_image(row.workload), cmdline, mem, smp=s.vcpus,
-                                  downtime_limit_ms=int(downtime),
                                   migrate_timeout_s=s.timeout_s, src_prefix=net.src_prefix,
                                   dst_prefix=net.dst_prefix, listen_host=net.dst_host,
-                                  **row.qemu)
+                                  **fields)
         return run_qemu_migration(cfg).to_dict()
     except QemuUnsupportedError as e:
         return failed("unsupported", e)
@@ -250,9 +253,12 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
             ours.append(_counted(net, lambda: _livemig(row, s, net)))
             say(_line(row.name, "livemig", i, s.repeat, ours[-1]))
             # A QEMU that is missing or lacks the feature will not have it next time either.
-            if not (theirs and theirs[-1].get("status") in ("unsupported", "unavailable")):
+            if s.vs_qemu and not (theirs and theirs[-1].get("status") in ("unsupported",
+                                                                          "unavailable")):
                 theirs.append(_counted(net, lambda: _qemu(row, s, net)))
                 say(_line(row.name, "qemu", i, s.repeat, theirs[-1]))
+            if not s.raw_copy:
+                continue
             raw = _raw_copy(row, s, net)
             if isinstance(raw, str):
                 raw_errors.append(raw)
@@ -260,6 +266,8 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
                 raws.append(raw)
             say(f"{row.name:14s} raw copy run {i}/{s.repeat}: " + (
                 f"{raw / 2**20:.0f} MiB/s" if not isinstance(raw, str) else raw))
+        if not theirs:
+            theirs.append(failed("not-run", "QEMU not asked for (--vs-qemu)"))
     raw_med = sorted(raws)[len(raws) // 2] if raws else None
     rep = report.build_report(f"{row.name}: {row.title}", ours, theirs, raw_med,
                               ratio_keys=report.GRID_RATIO_KEYS)
@@ -269,7 +277,8 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
         "workload": row.workload,
         "mem": row.mem or s.mem,
         "network": net if isinstance(net, str) else net.describe(),
-        "livemig_args": ["--max-downtime", str(row.max_downtime_ms or s.max_downtime_ms),
+        "livemig_args": ["--mode", row.mode,
+                         "--max-downtime", str(row.max_downtime_ms or s.max_downtime_ms),
                          *row.livemig_args],
         "qemu_config": dict(row.qemu),
         "qemu_bytes_per_s": report.throughput(rep["qemu"]),
@@ -285,13 +294,22 @@ def _line(row: str, who: str, i: int, n: int, r: dict[str, Any]) -> str:
     if "total_ms" not in r:
         return f"{head}: {r.get('error', '')}"
     mib = (r.get("bytes_sent") or 0) / 2**20
-    return (f"{head} total {r.get('total_ms', 0):.0f} ms, downtime "
-            f"{r.get('downtime_ms', 0):.0f} ms, gap {r.get('guest_gap_ms') or 0:.0f} ms, "
-            f"{mib:.1f} MiB, {r.get('rounds')} rounds")
+    faults = r.get("faults") or {}
+    pulled = f", {faults.get('count')} faults" if faults.get("count") else ""
+    gap = r.get("guest_gap_ms")
+    return (f"{head} ({r.get('mode')}) total {r.get('total_ms', 0):.0f} ms, downtime "
+            f"{r.get('downtime_ms', 0):.0f} ms, gap "
+            f"{'n/a' if gap is None else f'{gap:.0f} ms'}, "
+            f"{mib:.1f} MiB, {r.get('rounds')} rounds{pulled}")
 
 
-# The issue's goals for the grid: (row, figure, comparison, target, what it says).
-GOALS: list[tuple[str, str, str, float, str]] = [
+# A goal: (row, figure, comparison, target, what it says). The figure is a ratio's name
+# (report ``ratios``), else a dotted path into the row's report ("raw_copy_fraction",
+# "livemig.faults.latency_ms.p50").
+Goal = tuple[str, str, str, float, str]
+
+# The issue's goals for the grid (issue 9).
+GOALS: list[Goal] = [
     ("default", "total", "<=", 0.5, "hot-set default total <= 0.5x QEMU"),
     ("default", "downtime", "<=", 0.8, "hot-set default downtime <= 0.8x QEMU"),
     ("xbzrle", "bytes", "<=", 0.3, "--xbzrle bytes <= 0.3x QEMU's xbzrle row"),
@@ -302,24 +320,30 @@ GOALS: list[tuple[str, str, str, float, str]] = [
 ]
 
 
-def check_goals(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each goal with its measured value and whether the grid met it (None: not measured,
+def _goal_value(rep: dict[str, Any], figure: str) -> float | None:
+    rats = rep.get("ratios", {})
+    if figure == "bytes" and rats.get("link_bytes") is not None:
+        return float(rats["link_bytes"])
+    if figure in rats:
+        return None if rats[figure] is None else float(rats[figure])
+    cur: Any = rep
+    for key in figure.split("."):
+        cur = cur.get(key) if isinstance(cur, dict) else None
+    if not isinstance(cur, int | float) or isinstance(cur, bool):
+        return None
+    return float(cur)
+
+
+def check_goals(reports: Sequence[dict[str, Any]],
+                goals: Sequence[Goal] = GOALS) -> list[dict[str, Any]]:
+    """Each goal with its measured value and whether the rows met it (None: not measured,
     because the row did not run or a side did not complete). Bytes compare what crossed the
     link when it was counted, else each side's own count."""
     by_row = {r.get("row"): r for r in reports}
     out = []
-    for row, figure, op, target, text in GOALS:
+    for row, figure, op, target, text in goals:
         rep = by_row.get(row)
-        value: float | None = None
-        if rep is not None:
-            if figure == "raw_copy_fraction":
-                value = rep.get("raw_copy_fraction")
-            else:
-                rats = rep.get("ratios", {})
-                if figure == "bytes" and rats.get("link_bytes") is not None:
-                    value = rats["link_bytes"]
-                else:
-                    value = rats.get(figure)
+        value = None if rep is None else _goal_value(rep, figure)
         met = None if value is None else (value <= target if op == "<=" else value >= target)
         out.append({"goal": text, "row": row, "figure": figure, "target": f"{op} {target}",
                     "value": value, "met": met})
@@ -332,10 +356,9 @@ def _networks(use_netns: bool) -> Iterator[_Networks]:
         yield _Networks(stack, use_netns)
 
 
-def run_grid(names: Sequence[str], s: GridSettings,
+def run_rows(kind: str, rows: Sequence[Row], s: GridSettings, goals: Sequence[Goal],
              say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run the named rows (all when empty), in grid order; the grid's JSON-ready result."""
-    rows = [r for r in grid_rows(s) if not names or r.name in names]
+    """Run ``rows`` in order, each on its network; the JSON-ready result, goals checked."""
     reports = []
     with _networks(s.netns) as nets:
         for row in rows:
@@ -343,10 +366,17 @@ def run_grid(names: Sequence[str], s: GridSettings,
             say(f"{row.name}: {row.title} ({net if isinstance(net, str) else net.describe()})")
             reports.append(run_row(row, s, net, say))
     return {
-        "grid": "precopy",
+        "grid": kind,
         "settings": {"mem": s.mem, "wss": s.wss, "vcpus": s.vcpus, "repeat": s.repeat,
                      "max_downtime_ms": s.max_downtime_ms, "xbzrle_cache": s.xbzrle_cache,
                      "auth": s.auth, "timeout_s": s.timeout_s},
         "rows": reports,
-        "goals": check_goals(reports),
+        "goals": check_goals(reports, goals),
     }
+
+
+def run_grid(names: Sequence[str], s: GridSettings,
+             say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Run the named rows (all when empty), in grid order; the grid's JSON-ready result."""
+    rows = [r for r in grid_rows(s) if not names or r.name in names]
+    return run_rows("precopy", rows, s, GOALS, say)

@@ -247,6 +247,12 @@ class QmpSync:
         except QMPError as e:
             raise QemuError(f"QMP {name} failed: {e}") from e
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every QMP event received since the last call (``event``, ``timestamp``, ``data``)."""
+        async def take() -> list[dict[str, Any]]:
+            return [dict(m) for m in self._client.events.clear()]
+        return self._run(take(), timeout=5.0)
+
     def close(self) -> None:
         """Disconnect (ignoring errors) and stop the loop thread."""
         with contextlib.suppress(BaseException):
@@ -354,6 +360,12 @@ class QemuMigrationConfig:
     # multifd_channels above, else QEMU's default). A build without it: `QemuUnsupportedError`.
     multifd_compression: str | None = None
     xbzrle_cache_size: int | None = None  # bytes; turns the xbzrle capability on
+    # Post-copy (postcopy-ram on both sides, postcopy-blocktime on the destination): None: off;
+    # 0: `migrate-start-postcopy` right after `migrate`; N: once N pre-copy rounds are done
+    # (ram.dirty-sync-count reaches N + 1: QEMU counts a sync at setup). QEMU still completes
+    # as pre-copy when what is left fits the downtime limit before it switches; the result's
+    # ``mode`` says which happened.
+    postcopy_after: int | None = None
     # Commands the source / destination QEMU run under (e.g. `ip netns exec NS`), and the
     # address the destination listens on (the destination namespace's, then).
     src_prefix: list[str] = field(default_factory=list)
@@ -381,6 +393,15 @@ class QemuMigrationResult:
     stop-and-copy), ``bytes_sent`` = ram.transferred (RAM stream; device state is not counted),
     ``pages_raw`` / ``pages_zero`` = ram.normal / ram.duplicate, ``mbps`` = ram.mbps (Mbit/s).
     ``cpu_model`` is the ``-cpu`` model that both QEMU processes ran.
+    After post-copy (``mode`` "postcopy"), ``faults`` holds what QEMU tells of it: ``count`` =
+    the source's ram.postcopy-requests (pages the destination asked for), ``blocked_ms`` = the
+    destination's postcopy-blocktime (vCPU time blocked on faults; None when QEMU gave none),
+    ``latency_ms`` None (QEMU does not measure it); ``postcopy_round`` is the
+    dirty-sync-count when `migrate-start-postcopy` was sent.
+    ``stop_to_resume_ms``: from the source's STOP event to the destination's RESUME event (QMP
+    event timestamps, the host's clock): the guest's pause as livemig's ``downtime_ms``
+    counts it. QEMU's own ``downtime`` ends, in post-copy, once the source has *sent* the
+    device state, before the destination has loaded it and started the vCPUs.
     ``guest_gap_ms`` is the largest gap between guest heartbeats seen on the serial ports
     (host arrival time), source and destination merged, from the last one before migration
     started; it includes one heartbeat period.
@@ -404,6 +425,9 @@ class QemuMigrationResult:
     cpu_model: str = ""
     qemu_version: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    faults: dict[str, Any] | None = None
+    postcopy_round: int | None = None
+    stop_to_resume_ms: float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -420,6 +444,7 @@ class QemuMigrationResult:
             "cpu_model": self.cpu_model,
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
+            "stop_to_resume_ms": self.stop_to_resume_ms,
             "setup_ms": self.setup_ms,
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
@@ -437,6 +462,10 @@ class QemuMigrationResult:
             d["xbzrle"] = self.raw["xbzrle-cache"]
         if self.qemu_version:
             d["qemu_version"] = self.qemu_version
+        if self.faults is not None:
+            d["faults"] = self.faults
+        if self.postcopy_round is not None:
+            d["postcopy_round"] = self.postcopy_round
         if self.settings:
             d["settings"] = self.settings
         if self.error:
@@ -541,11 +570,16 @@ def migration_settings(cfg: QemuMigrationConfig, side: str) -> tuple[dict[str, b
                                                                       dict[str, Any]]:
     """The capabilities and parameters that ``cfg`` sets on ``side`` ("source" or "dest").
 
-    multifd and its channels and compression must match on both sides; xbzrle, auto-converge,
-    the downtime limit and the bandwidth matter only where the migration is sent from.
+    multifd and its channels and compression, and postcopy-ram, must match on both sides;
+    postcopy-blocktime is measured at the destination; xbzrle, auto-converge, the downtime
+    limit and the bandwidth matter only where the migration is sent from.
     """
     caps: dict[str, bool] = {}
     params: dict[str, Any] = {}
+    if cfg.postcopy_after is not None:
+        caps["postcopy-ram"] = True
+        if side == "dest":
+            caps["postcopy-blocktime"] = True
     if cfg.multifd_channels is not None or cfg.multifd_compression is not None:
         caps["multifd"] = True
         if cfg.multifd_channels is not None:
@@ -594,11 +628,35 @@ def _listen_port(dst: QemuProcess, host: str = "127.0.0.1") -> int:
     raise QemuError(f"destination did not report its listening port: {info}")
 
 
-def _poll_migration(src: QemuProcess, cfg: QemuMigrationConfig) -> dict[str, Any]:
-    """Poll ``query-migrate`` on the source until a final state; cancel on timeout."""
+@dataclass
+class _PostcopySwitch:
+    """Sends `migrate-start-postcopy` once ``after`` pre-copy rounds are done (0: at once), and
+    notes whether the migration went into post-copy."""
+
+    after: int | None
+    sent_at: int | None = None  # dirty-sync-count when it was sent
+    entered: bool = False
+
+    def poll(self, src: QemuProcess, info: dict[str, Any]) -> None:
+        if self.after is None:
+            return
+        status = info.get("status")
+        self.entered = self.entered or status == "postcopy-active"
+        syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
+        if self.sent_at is None and status in ("setup", "active") and (
+                self.after == 0 or syncs >= self.after + 1):
+            src.qmp.cmd("migrate-start-postcopy")
+            self.sent_at = syncs
+
+
+def _poll_migration(src: QemuProcess, cfg: QemuMigrationConfig,
+                    switch: _PostcopySwitch) -> dict[str, Any]:
+    """Poll ``query-migrate`` on the source until a final state, switching to post-copy when
+    ``switch`` says; cancel on timeout."""
     deadline = time.monotonic() + cfg.migrate_timeout_s
     while True:
         info: dict[str, Any] = src.qmp.cmd("query-migrate")
+        switch.poll(src, info)
         if info.get("status") in FINAL_STATES:
             return info
         if not src.alive():
@@ -610,6 +668,41 @@ def _poll_migration(src: QemuProcess, cfg: QemuMigrationConfig) -> dict[str, Any
             info["status"] = "timeout"
             return info
         time.sleep(cfg.poll_interval_s)
+
+
+def _blocktime_ms(dst: QemuProcess, wait_s: float = 10.0) -> float | None:
+    """The destination's postcopy-blocktime (ms) once its side has completed; None when QEMU
+    gives none."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info: dict[str, Any] = dst.qmp.cmd("query-migrate", timeout=5.0)
+        except QemuError:
+            return None
+        done = info.get("status") in FINAL_STATES
+        if done or time.monotonic() > deadline:
+            bt = info.get("postcopy-blocktime")
+            return float(bt) if bt is not None else None
+        time.sleep(0.05)
+
+
+def _event_time(events: list[dict[str, Any]], name: str, last: bool) -> float | None:
+    times = [float(e["timestamp"]["seconds"]) + float(e["timestamp"]["microseconds"]) / 1e6
+             for e in events if e.get("event") == name and isinstance(e.get("timestamp"), dict)]
+    if not times:
+        return None
+    return times[-1] if last else times[0]
+
+
+def stop_to_resume_ms(src_events: list[dict[str, Any]],
+                      dst_events: list[dict[str, Any]]) -> float | None:
+    """The source's last STOP to the destination's first RESUME after it, in ms (None when
+    either event is missing)."""
+    stop = _event_time(src_events, "STOP", last=True)
+    resume = _event_time(dst_events, "RESUME", last=False)
+    if stop is None or resume is None or resume < stop:
+        return None
+    return (resume - stop) * 1000.0
 
 
 def _result(info: dict[str, Any], src_hb: list[tuple[float, int]],
@@ -653,13 +746,23 @@ def _migrate(src: QemuProcess, dst: QemuProcess, cfg: QemuMigrationConfig) -> Qe
     settings = {"source": _apply_settings(src, cfg, "source"),
                 "dest": _apply_settings(dst, cfg, "dest")}
     port = _listen_port(dst, cfg.listen_host)
+    switch = _PostcopySwitch(cfg.postcopy_after)
     t_start = time.monotonic()
     src.qmp.cmd("migrate", uri=f"tcp:{cfg.listen_host}:{port}")
-    info = _poll_migration(src, cfg)
+    info = _poll_migration(src, cfg, switch)
     if info.get("status") == "completed":
         dst.serial.wait_heartbeats(cfg.settle_heartbeats, cfg.boot_timeout_s, alive=dst.alive)
     res = _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
     res.settings = settings
+    with contextlib.suppress(QemuError, TimeoutError):
+        res.stop_to_resume_ms = stop_to_resume_ms(src.qmp.events(), dst.qmp.events())
+    if switch.after is not None:
+        res.postcopy_round = switch.sent_at
+        ram = info.get("ram", {})
+        if switch.entered or int(ram.get("postcopy-bytes", 0)):
+            res.mode = "postcopy"
+            res.faults = {"count": int(ram.get("postcopy-requests", 0)),
+                          "blocked_ms": _blocktime_ms(dst), "latency_ms": None}
     with contextlib.suppress(QemuError, KeyError, TypeError):
         v = src.qmp.cmd("query-version", timeout=5.0)
         q = v["qemu"]
@@ -723,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multifd-channels", type=int)
     ap.add_argument("--multifd-compression", help="zstd, zlib (implies multifd)")
     ap.add_argument("--xbzrle-cache-size", type=int, help="bytes (turns xbzrle on)")
+    ap.add_argument("--postcopy-after", type=int, help="rounds before migrate-start-postcopy")
     ap.add_argument("--cpu", help="-cpu model (default: probed)")
     ap.add_argument("--log-dir")
     a = ap.parse_args(argv)
@@ -732,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                               multifd_channels=a.multifd_channels,
                               multifd_compression=a.multifd_compression,
                               xbzrle_cache_size=a.xbzrle_cache_size,
-                              cpu_model=a.cpu, log_dir=a.log_dir)
+                              postcopy_after=a.postcopy_after, cpu_model=a.cpu, log_dir=a.log_dir)
     res = run_qemu_migration(cfg)
     print(json.dumps(res.to_dict(), indent=2))
     return 0 if res.status == "completed" else 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import click
 
 from livemig.bench import grid, rawcopy, report
+from livemig.bench import postcopy as pcbench
 from livemig.bench.pair import AUTH_KINDS
 from livemig.bench.qemu import QemuError, QemuMigrationConfig, run_qemu_migration
 from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
@@ -15,6 +17,8 @@ from livemig.cli.bench_arm import cpu_load, essential_state
 from livemig.cli.bench_cpustate import cpu_state
 from livemig.cli.options import SIZE, BadInput
 from livemig.images import guest_image
+
+LINK_RATE = re.compile(r"\d+(\.\d+)?[kmg]?bit", re.IGNORECASE)
 
 
 @click.group()
@@ -115,6 +119,48 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
         click.echo(json.dumps(rep, default=str))
     else:
         report.print_report(rep)
+
+
+@bench.command()
+@click.option("--vs-qemu", is_flag=True, help="run QEMU's postcopy-ram on the same guest")
+@click.option("--link", default=None, metavar="RATE",
+              help="run both over two netns joined by a veth pair shaped to RATE (1gbit)")
+@click.option("--mem", type=SIZE, default="1G", show_default=True)
+@click.option("--wss", default="100M", show_default=True, help="hotset working set")
+@click.option("--vcpus", type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
+@click.option("--max-downtime", type=click.FloatRange(min=1),
+              default=pcbench.DOWNTIME_LIMIT_MS, show_default=True,
+              help="both sides' downtime limit, ms (low: neither ends pre-copy early)")
+@click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True,
+              help="how livemig's two sides authenticate (tls: encrypted too)")
+@click.option("--rows", default=None, metavar="A,B,...",
+              help=f"rows to run ({', '.join(pcbench.ROW_NAMES)}; default: all)")
+@click.option("--timeout", type=click.FloatRange(5, 3600), default=300.0, show_default=True,
+              help="seconds one migration may take before it is cancelled")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def postcopy(vs_qemu: bool, link: str | None, mem: int, wss: str, vcpus: int, repeat: int,
+             max_downtime: float, auth: str, rows: str | None, timeout: float,
+             as_json: bool) -> None:
+    """Post-copy of a hotset guest: livemig's --mode postcopy and --mode hybrid after 1 and 5
+    rounds, against QEMU's postcopy-ram from the start and after the same rounds (--vs-qemu),
+    in one run, on loopback or a shaped netns link (--link 1gbit).
+    """
+    if link is not None and not LINK_RATE.fullmatch(link):
+        raise BadInput(f"--link takes a tc rate such as 1gbit or 500mbit, not {link!r}")
+    try:
+        names = grid.parse_rows(rows, pcbench.ROW_NAMES) if rows is not None else []
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    settings = grid.GridSettings(mem=mem, wss=wss, vcpus=vcpus, repeat=repeat,
+                                 max_downtime_ms=max_downtime, auth=auth, timeout_s=timeout,
+                                 vs_qemu=vs_qemu, raw_copy=False)
+    result = pcbench.run_postcopy_bench(settings, link, names, say)
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        report.print_grid(result)
 
 
 def _plot(result: dict[str, Any], path: str | None, say: Any) -> None:
