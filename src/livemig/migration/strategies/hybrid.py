@@ -28,6 +28,13 @@ class Hybrid(PostcopyTail, PreCopy):
         PreCopy.__init__(self)
         PostcopyTail.__init__(self)
 
+    def keep_going(self, src: Source, reason: str) -> bool:
+        """`--postcopy-after N` asks for N rounds: only convergence (a final round that fits
+        --max-downtime) or the round limit ends them sooner."""
+        after = src.opts.postcopy_after
+        return after is not None and self.rounds < after and reason not in (
+            "converged", "max-rounds")
+
     def switch_now(self, src: Source) -> str | None:
         if src.start_postcopy.is_set():
             return "start-postcopy"

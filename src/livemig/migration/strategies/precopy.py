@@ -59,7 +59,7 @@ class PreCopy(Strategy):
             d = conv.after_round(self.rounds, sum(rs.pages.values()), owed, bw, held)
             src.set_throttle(d.throttle)
             switch = self.switch_now(src)
-            if d.stop or switch:
+            if (d.stop and not self.keep_going(src, d.reason)) or switch:
                 src.stats.stop_reason = switch or d.reason
                 return
             if self.hold is not None and held and not live.any():
@@ -68,6 +68,10 @@ class PreCopy(Strategy):
                 live = self.hold.release()
                 conv.held = held = 0
             idx = np.flatnonzero(live)
+
+    def keep_going(self, src: Source, reason: str) -> bool:
+        """Whether to go on iterating although convergence says stop for `reason`."""
+        return False
 
     def switch_now(self, src: Source) -> str | None:
         """Why live copy must end now whatever convergence says (hybrid's switch), or None."""
