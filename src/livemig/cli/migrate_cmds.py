@@ -11,7 +11,15 @@ from typing import Any
 import click
 
 from livemig.cli.migration_control import outcome_line, register_migration_controls
-from livemig.cli.options import CONTROL_HELP, RATE, SIZE, BadInput, check_target
+from livemig.cli.options import (
+    CONTROL_HELP,
+    NET,
+    RATE,
+    SIZE,
+    BadInput,
+    NetSpec,
+    check_target,
+)
 from livemig.cli.process import serve_machine
 from livemig.cli.runner import (
     MachineHost,
@@ -40,13 +48,14 @@ LINGER_AFTER_DISCARD = 15.0  # seconds `listen --once` stays to answer a resolve
 class _Consoles:
     """The console of the machine being received (one at a time), opened when it is built."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, taps: list[str]) -> None:
         self.spec = spec
+        self.taps = taps
         self.close: Any = lambda: None
 
     def build(self, cfg: MachineConfig) -> Any:
         sink, self.close = open_console(self.spec)
-        return build_machine(cfg, sink)
+        return build_machine(cfg, sink, self.taps)
 
 
 def _address(host: str, port: int | None, unix: str | None) -> Address:
@@ -64,10 +73,12 @@ def _address(host: str, port: int | None, unix: str | None) -> Address:
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
+@click.option("--net", "nets", type=NET, multiple=True,
+              help="host TAP for each NIC of the incoming machine: tap=NAME (repeatable)")
 @security_options
 def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
-               control: str | None, once: bool, key_file: str | None, tls_dir: str | None,
-               insecure: bool) -> None:
+               control: str | None, once: bool, nets: tuple[NetSpec, ...],
+               key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
     control = prepare_control_path(control)
     sec = build_security(key_file, tls_dir, insecure)
@@ -79,7 +90,7 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
         raise BadInput(str(e).split(" (while attempting")[0]) from e
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
     click.echo(f"livemig: listening for a migration on {where}", err=True)
-    consoles = _Consoles(console)
+    consoles = _Consoles(console, [n.tap for n in nets])
     lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True))
     lst.start()
     try:
