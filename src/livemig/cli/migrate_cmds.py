@@ -199,13 +199,16 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
               "last N rounds for the final round instead of re-sending them live")
 @click.option("--hold-hot-k", "hold_hot_k", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--soft-net/--no-soft-net", "soft_net", default=True, show_default=True,
+              help="forward frames that reach the old host after the switch-over to the new "
+              "one (off: the destination only announces the guest, as QEMU)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
 def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
-                hold_hot_k: int, hold_hot_n: int, as_json: bool,
+                hold_hot_k: int, hold_hot_n: int, soft_net: bool, as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
@@ -216,7 +219,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                     auto_converge=auto_converge, verify_memory=verify_memory,
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
-                    hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n, **auth)
+                    hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
+                    soft_net=soft_net, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())

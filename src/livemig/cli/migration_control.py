@@ -159,6 +159,7 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
         opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))
         check_k_n(opts.hold_hot_k, opts.hold_hot_n)
+        opts.soft_net = bool(req.get("soft_net", True))
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:

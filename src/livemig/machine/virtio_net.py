@@ -46,6 +46,7 @@ DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 NET_HDR = 10  # legacy virtio_net_hdr without num_buffers (MRG_RXBUF is not offered)
 MAX_PENDING = 4096  # frames waiting for the guest (paused, or no receive buffer)
 RING_ALIGN = 4096
+RETRY_S = 0.002  # how soon frames that found no receive buffer are tried again
 
 REG_HOST_FEATURES, REG_GUEST_FEATURES, REG_QUEUE_PFN = 0x00, 0x04, 0x08
 REG_QUEUE_NUM, REG_QUEUE_SEL, REG_QUEUE_NOTIFY = 0x0C, 0x0E, 0x10
@@ -214,6 +215,13 @@ class VirtioNet(PciDevice):
         q.last_avail = (q.last_avail + 1) & 0xFFFF
         return head, chain
 
+    def _no_notify(self, q: Queue) -> None:
+        """Tell the guest it need not notify this queue (VRING_USED_F_NO_NOTIFY): the device
+        looks at it by itself (receive: while frames wait; transmit: never, so not used)."""
+        _, _, used, _ = q.layout()
+        if self._u16(used) != 1:
+            self.ram.write_phys(used, struct.pack("<H", 1))
+
     def _push(self, q: Queue, head: int, written: int) -> None:
         _, _, used, _ = q.layout()
         self.ram.write_phys(used + 4 + 8 * (q.used_idx % QUEUE_SIZE),
@@ -265,8 +273,10 @@ class VirtioNet(PciDevice):
 
     def _rx_loop(self) -> None:
         while not self._closing:
+            # Frames waiting for receive buffers are retried soon: the guest does not notify.
+            wait = RETRY_S if self._pending and not self._paused else 0.5
             try:
-                ready, _, _ = select.select([self.tap.fd, self._wake_r], [], [], 0.5)
+                ready, _, _ = select.select([self.tap.fd, self._wake_r], [], [], wait)
             except (OSError, ValueError):
                 return  # closed under us
             if self._wake_r in ready:
@@ -297,6 +307,7 @@ class VirtioNet(PciDevice):
         if self._paused or not self._live(RX):
             return
         q = self.queues[RX]
+        self._guarded(lambda: self._no_notify(q))
         while self._pending:
             try:
                 got = self._pop(q)

@@ -25,7 +25,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
+from livemig.contract import (
+    PAGE_SIZE,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineState,
+    net_ports,
+)
 from livemig.migration import handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, SocketChannel
@@ -38,6 +45,7 @@ from livemig.migration.errors import (
     ProtocolError,
     RemoteError,
 )
+from livemig.migration.netforward import NetReceiver
 from livemig.migration.prefault import Prefaulter
 from livemig.migration.resolve import Outcomes
 from livemig.migration.security import Security
@@ -99,6 +107,7 @@ class Destination:
         self.verify: VerifyTable | None = None
         self.round = RoundStats(1)
         self.source_probe: dict = {}
+        self.net_chan: Channel | None = None  # frames forwarded after COMMIT (--soft-net)
         self.switchover_s = DEFAULT_SWITCHOVER_S
         self.ready_at = 0.0
         self._t0 = time.monotonic()
@@ -166,6 +175,9 @@ class Destination:
         elif self.state is not DestState.ABORTED:
             self.state = DestState.FAILED
         refuse(self.sess.back or self.sess.main, e)
+        if self.net_chan is not None:
+            self.net_chan.close()
+            self.net_chan = None
         self.stats.status = self.state.value
         if self.machine is not None:
             self.machine.close()
@@ -209,9 +221,15 @@ class Destination:
         if nstreams > 1 and (self.join is None
                              or hello.FEATURE_STREAMS not in self.sess.features):
             raise ProtocolError("page streams were not negotiated")
+        net = d.get("net", False) is True
+        if net and (self.join is None or hello.FEATURE_NET not in self.sess.features):
+            raise ProtocolError("network forwarding was not negotiated")
         self._send(RecordType.CONFIG_OK)
         if nstreams > 1:
             self._open_streams(nstreams)
+        if net:
+            assert self.join is not None
+            self.net_chan = self.join("net")
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
@@ -303,6 +321,7 @@ class Destination:
             return  # a file's COMMIT ends the stream: whoever restores starts the machine
         started = time.time()
         self.machine.start()
+        self._network_moved()
         self.stats.status = "completed"
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         try:
@@ -313,6 +332,16 @@ class Destination:
                 self._send(RecordType.REPORT, records.pack({"first_heartbeat": first}))
         except MigrationError:
             pass  # the machine runs here; the source learns it by resolving
+
+    def _network_moved(self) -> None:
+        """The machine runs here: tell the network, and inject what the source forwards."""
+        assert self.machine is not None
+        ports = net_ports(self.machine)
+        for p in ports:
+            p.announce()
+        if self.net_chan is not None:
+            NetReceiver(self.net_chan, ports).start()  # owns the channel from now on
+            self.net_chan = None
 
     def _first_heartbeat(self, since: float) -> float | None:
         assert self.machine is not None
@@ -354,6 +383,7 @@ def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Mach
     sec = security or Security.insecure()
     mine = hello.Hello(encodings=list(SUPPORTED))
     mine.features.remove(hello.FEATURE_STREAMS)  # no listener to take extra connections
+    mine.features.remove(hello.FEATURE_NET)
     try:
         _offer, chosen = handshake.server(chan, mine, sec, time.monotonic() + hello_timeout)
     except MigrationError as e:

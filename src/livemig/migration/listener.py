@@ -180,7 +180,7 @@ class Listener:
         assert chosen.session is not None
         if offer.role == Role.MAIN.value:
             self._receive(chan, chosen, peer)
-        elif offer.role == Role.RETURN.value or _is_stream(offer.role):
+        elif offer.role in (Role.RETURN.value, Role.NET.value) or _is_stream(offer.role):
             # A source dials its RETURN connection as soon as it has the main WELCOME, which
             # may be before the main connection's thread has registered the migration.
             with self._registered:

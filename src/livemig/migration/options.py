@@ -43,6 +43,9 @@ class MigrationOptions:
     hold_hot: bool = False
     hold_hot_k: int = 2
     hold_hot_n: int = 3
+    # Soft network handover (migration/netforward.py): frames reaching the old place after
+    # the switch-over are forwarded to the new one; off: announce only, as QEMU.
+    soft_net: bool = True
 
     def switchover_limit_s(self) -> float:
         """How long the guest may stay paused before READY: past it the source aborts and

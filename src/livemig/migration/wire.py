@@ -56,6 +56,8 @@ class RecordType(enum.IntEnum):
     ERROR = 15  # destination -> source: refused or failed (utf-8 reason)
     AUTH = 16  # either way, in the hello: HMAC proof of the pre-shared key
     OUTCOME = 17  # destination -> source, on a resolve connection: was COMMIT received
+    NET_FRAMES = 40  # source -> destination, on the net connection: forwarded frames
+    NET_END = 41  # source -> destination, on the net connection: forwarding is over
 
 
 @dataclass
