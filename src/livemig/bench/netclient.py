@@ -252,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--keys", type=int, default=4096)
     ap.add_argument("--late-ms", type=float, default=200.0)
+    ap.add_argument("--put", action="append", default=[], metavar="KEY=VALUE",
+                    help="instead of a load run: PUT these (then --get ones), print replies")
+    ap.add_argument("--get", action="append", type=int, default=[], metavar="KEY")
     a = ap.parse_args(argv)
+    if a.put or a.get:
+        puts = [tuple(int(x, 0) for x in p.split("=", 1)) for p in a.put]
+        replies = [request(a.host, a.port, PUT, k, v) for k, v in puts]
+        replies += [request(a.host, a.port, GET, k) for k in a.get]
+        print(json.dumps([asdict(r) for r in replies]))
+        return 0
     c = LoadClient(a.host, a.port, a.rate, a.keys, a.late_ms)
     c.run(a.duration)
     c.read_back()

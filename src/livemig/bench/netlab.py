@@ -87,6 +87,8 @@ def _build(lab: Lab, rate: str | None) -> None:
         _port(sw, f"p-{role}", rate)
         _run("ip", "-n", ns, "link", "add", "br0", "type", "bridge", "stp_state", "0")
         _run("ip", "-n", ns, "tuntap", "add", "dev", lab.tap, "mode", "tap")
+        # Room for the frames of a long pause (the hypervisor reads the TAP while paused).
+        _run("ip", "-n", ns, "link", "set", lab.tap, "txqueuelen", "10000")
         for dev in ("up0", lab.tap):
             _run("ip", "-n", ns, "link", "set", dev, "master", "br0")
             _run("ip", "-n", ns, "link", "set", dev, "up")

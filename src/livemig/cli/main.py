@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from livemig import snapshot
-from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds
+from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds, netlab_cmds
 from livemig.cli.options import (
     ARCH,
     CONTROL_HELP,
@@ -120,7 +120,7 @@ def restore(file: str, console: str, control: str | None, nets: tuple[NetSpec, .
     host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds, credential_cmds):
+for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, netlab_cmds):
     _module.add_commands(cli)
 
 
