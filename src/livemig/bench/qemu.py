@@ -369,6 +369,10 @@ class QemuMigrationConfig:
     cpu_model: str | None = None
     log_dir: str | None = None  # keep serial logs and QEMU stderr here; else a temp dir
     extra_args: list[str] = field(default_factory=list)
+    # Called once the guest is warm, just before `migrate` (clients start there), and once
+    # the destination settled, before both QEMUs are stopped (clients finish there).
+    before_migrate: Callable[[], None] | None = None
+    after_migrate: Callable[[], None] | None = None
 
 
 @dataclass
@@ -653,11 +657,15 @@ def _migrate(src: QemuProcess, dst: QemuProcess, cfg: QemuMigrationConfig) -> Qe
     settings = {"source": _apply_settings(src, cfg, "source"),
                 "dest": _apply_settings(dst, cfg, "dest")}
     port = _listen_port(dst, cfg.listen_host)
+    if cfg.before_migrate is not None:
+        cfg.before_migrate()
     t_start = time.monotonic()
     src.qmp.cmd("migrate", uri=f"tcp:{cfg.listen_host}:{port}")
     info = _poll_migration(src, cfg)
     if info.get("status") == "completed":
         dst.serial.wait_heartbeats(cfg.settle_heartbeats, cfg.boot_timeout_s, alive=dst.alive)
+    if cfg.after_migrate is not None:
+        cfg.after_migrate()
     res = _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
     res.settings = settings
     with contextlib.suppress(QemuError, KeyError, TypeError):

@@ -114,6 +114,38 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
         report.print_report(rep)
 
 
+@bench.command("net")
+@click.option("--vs-qemu", is_flag=True, help="also migrate the same guest with QEMU")
+@click.option("--mem", default="64M", show_default=True, help="guest RAM")
+@click.option("--rate", type=click.FloatRange(1, 5000), default=500.0, show_default=True,
+              help="UDP requests a second")
+@click.option("--duration", type=click.FloatRange(2, 600), default=8.0, show_default=True,
+              help="seconds of client load (the migration starts --migrate-at into it)")
+@click.option("--migrate-at", type=click.FloatRange(0.5, 600), default=3.0, show_default=True)
+@click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float, auth: str,
+        as_json: bool) -> None:
+    """A netserve guest migrated while a client sends UDP requests and pings it: livemig with
+    soft handover, livemig announcing only, and QEMU (--vs-qemu), in one network lab."""
+    from livemig.bench import netbench
+    from livemig.bench.netns import NetworkError
+
+    if migrate_at >= duration:
+        raise BadInput("--migrate-at must fall inside --duration")
+    s = netbench.NetBenchSettings(mem=mem, rate=rate, duration=duration,
+                                  migrate_at=migrate_at, auth=auth)
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        result = netbench.run_bench(s, vs_qemu, say)
+    except NetworkError as e:
+        raise BadInput(f"network lab: {e}") from e
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        netbench.print_report(result)
+
+
 def _plot(result: dict[str, Any], path: str | None, say: Any) -> None:
     if path is None:
         return
