@@ -26,7 +26,7 @@ MAGIC = 0x564B4D4C
 PUT, GET, REPLY = 1, 2, 0x80
 REQUEST = struct.Struct("<IBBHIIQQ")  # magic, op, flags, -, key, -, seq, value
 ANSWER = struct.Struct("<IBBHIIQQQ")  # magic, op|0x80, status, -, key, -, seq, value, served
-GRACE_S = 1.0  # how long replies are awaited after the last request
+GRACE_S = 5.0  # how long replies are awaited after the last request
 
 
 class KvError(RuntimeError):
@@ -69,7 +69,9 @@ class LoadResult:
     wrong_values: int = 0
     served_regressions: int = 0
     largest_gap_ms: float = 0.0
+    largest_gap_at_s: float = 0.0  # when that gap ended, seconds after the first request
     max_latency_ms: float = 0.0
+    max_latency_at_s: float = 0.0  # when the slowest request was sent
     readback_checked: int = 0
     readback_wrong: int = 0
     first_wrong: str = ""
@@ -105,6 +107,7 @@ class LoadClient:
         # key -> values PUT without an answer yet (or ever): a lost reply may hide a done PUT
         self.unacked: dict[int, set[int]] = {}
         self.last_reply = 0.0
+        self.t0 = 0.0
         self.last_served = 0
         self._answered: set[int] = set()
 
@@ -127,7 +130,7 @@ class LoadClient:
             raise KvError(f"no reply from {self.addr[0]}:{self.addr[1]} before the run")
         self.sock.setblocking(False)
         n = int(duration * self.rate)
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         for seq in range(n):
             due = t0 + seq / self.rate
             self._drain(due)
@@ -137,10 +140,15 @@ class LoadClient:
             except OSError:
                 pass  # counted as lost: no reply will come
             self.res.sent += 1
-        self._drain(time.monotonic() + GRACE_S + self.late_s)
+        self._drain_all(time.monotonic() + GRACE_S)
         self.res.lost_seqs = sorted(set(self.sent_at) - self._answered)
         self.res.lost = len(self.res.lost_seqs)
         return self.res
+
+    def _drain_all(self, until: float) -> None:
+        """Wait for the replies still missing, until `until` at most."""
+        while len(self._answered) < len(self.sent_at) and time.monotonic() < until:
+            self._drain(min(until, time.monotonic() + 0.1))
 
     def _drain(self, until: float) -> None:
         while True:
@@ -167,12 +175,14 @@ class LoadClient:
         self._answered.add(r.seq)
         self.res.replied += 1
         latency = now - self.sent_at[r.seq]
-        self.res.max_latency_ms = max(self.res.max_latency_ms, latency * 1000)
+        if latency * 1000 > self.res.max_latency_ms:
+            self.res.max_latency_ms = latency * 1000
+            self.res.max_latency_at_s = round(self.sent_at[r.seq] - self.t0, 3)
         if latency > self.late_s:
             self.res.late += 1
-        if self.last_reply:
-            self.res.largest_gap_ms = max(self.res.largest_gap_ms,
-                                          (now - self.last_reply) * 1000)
+        if self.last_reply and (now - self.last_reply) * 1000 > self.res.largest_gap_ms:
+            self.res.largest_gap_ms = (now - self.last_reply) * 1000
+            self.res.largest_gap_at_s = round(now - self.t0, 3)
         self.last_reply = now
         if r.served < self.last_served:
             self.res.served_regressions += 1

@@ -36,11 +36,16 @@ def parse(text: str) -> PingResult:
                       float(rtt.group(1)) if rtt else None)
 
 
+WAIT_S = 10  # after the last request, how long replies are still awaited
+
+
 def start(prefix: list[str], host: str, count: int, interval: float) -> subprocess.Popen[str]:
     """Start `ping -q -i INTERVAL -c COUNT HOST` under `prefix` (e.g. `ip netns exec NS`);
-    replies that come more than 2 s late count as lost (-W 2)."""
-    return subprocess.Popen([*prefix, "ping", "-q", "-W", "2", "-i", str(interval), "-c",
-                             str(count), host], stdout=subprocess.PIPE,
+    it waits for every reply until WAIT_S after the last request is due (-w), so that a reply
+    counts as lost only when it never came, not when it came late."""
+    deadline = int(count * interval) + WAIT_S
+    return subprocess.Popen([*prefix, "ping", "-q", "-i", str(interval), "-c", str(count),
+                             "-w", str(deadline), host], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -123,9 +123,11 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
               help="seconds of client load (the migration starts --migrate-at into it)")
 @click.option("--migrate-at", type=click.FloatRange(0.5, 600), default=3.0, show_default=True)
 @click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="runs of each configuration, interleaved")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float, auth: str,
-        as_json: bool) -> None:
+        repeat: int, as_json: bool) -> None:
     """A netserve guest migrated while a client sends UDP requests and pings it: livemig with
     soft handover, livemig announcing only, and QEMU (--vs-qemu), in one network lab."""
     from livemig.bench import netbench
@@ -134,7 +136,7 @@ def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float
     if migrate_at >= duration:
         raise BadInput("--migrate-at must fall inside --duration")
     s = netbench.NetBenchSettings(mem=mem, rate=rate, duration=duration,
-                                  migrate_at=migrate_at, auth=auth)
+                                  migrate_at=migrate_at, auth=auth, repeat=repeat)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:
         result = netbench.run_bench(s, vs_qemu, say)
