@@ -208,6 +208,30 @@ static void on_arp(const u8 *f, u64 len)
         tx_send(42);
 }
 
+/* A gratuitous ARP request for our address: switches learn where we are, neighbours our MAC. */
+static void announce(void)
+{
+        u8 *o = tx_frame();
+        if (!o)
+                return;
+        memset(o, 0xFF, 6);
+        memcpy(o + 6, mac, 6);
+        put16(o + 12, 0x0806);
+        u8 *a = o + 14;
+        put16(a, 1);
+        put16(a + 2, 0x0800);
+        a[4] = 6;
+        a[5] = 4;
+        put16(a + 6, 1);
+        memcpy(a + 8, mac, 6);
+        memcpy(a + 14, myip, 4);
+        memset(a + 18, 0, 6);
+        memcpy(a + 24, myip, 4);
+        memset(o + 42, 0, 18);
+        tx_send(42);
+        tx_kick();
+}
+
 static void ip_header(u8 *ip, const u8 *dst, u8 proto, u64 total)
 {
         ip[0] = 0x45;
@@ -384,6 +408,7 @@ void wl_setup(void)
                 mac[i] = inb(io + 0x14 + i);
         outb(io + 0x12, 7);                     /* DRIVER_OK */
         outw(io + 0x10, 0);
+        announce();
         kprintf("netserve info mac=%02x:%02x:%02x:%02x:%02x:%02x ip=%u.%u.%u.%u port=%u "
                 "keys=%lu queues=%u/%u tick=%luus lapic=%luMHz\n", mac[0], mac[1], mac[2], mac[3], mac[4],
                 mac[5], myip[0], myip[1], myip[2], myip[3], kv_port, nkeys, rxq.n, txq.n,
