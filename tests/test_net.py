@@ -151,7 +151,7 @@ def test_netserve_under_qemu(lab: netlab.Lab, tmp_path: Path) -> None:
     except qemu.QemuNotFoundError as e:
         pytest.skip(str(e))
     cfg = qemu.QemuMigrationConfig(image=image("netserve"), mem="64M", extra_args=PROBE_NIC)
-    cpu = qemu.choose_cpu_model(binary, cfg)
+    cpu = qemu.choose_cpu_model(binary, cfg, 60)
     cfg.extra_args = []
     serial = tmp_path / "serial.log"
     argv = [*lab.exec("src"), *qemu.base_argv(binary, cfg, cpu), "-serial", f"file:{serial}",

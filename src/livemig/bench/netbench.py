@@ -44,6 +44,7 @@ CMDLINE = "hb=100"
 PROBE_NIC = ["-device", "virtio-net-pci"]
 # Strategies measured, in this order, when this livemig has them.
 MODES = ("precopy", "postcopy", "hybrid")
+PROBE_TIMEOUT_S = 60.0  # a busy host boots slowly: give each QEMU -cpu model this long
 
 
 def qemu_nic_args(tap: str, mac: str) -> list[str]:
@@ -157,7 +158,7 @@ def run_qemu(lab: netlab.Lab, s: NetBenchSettings) -> NetRun:
     binary = find_qemu()
     image = guest_image("netserve")
     cpu = choose_cpu_model(binary, QemuMigrationConfig(image, CMDLINE, s.mem,
-                                                       extra_args=PROBE_NIC))
+                                                       extra_args=PROBE_NIC), PROBE_TIMEOUT_S)
     got: dict[str, Any] = {}
 
     def before() -> None:

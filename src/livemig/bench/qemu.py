@@ -493,7 +493,8 @@ def cpu_model_boots(binary: str, cfg: QemuMigrationConfig, cpu_model: str,
 
 
 def probe_cpu_model(binary: str, cfg: QemuMigrationConfig,
-                    candidates: tuple[str, ...] = CPU_CANDIDATES) -> str:
+                    candidates: tuple[str, ...] = CPU_CANDIDATES,
+                    timeout_s: float = CPU_PROBE_TIMEOUT_S) -> str:
     """The first of ``candidates`` under which QEMU boots ``cfg.image``; cached per process.
 
     Raises `QemuError` (one line, every model with its reason) when none boots.
@@ -504,7 +505,7 @@ def probe_cpu_model(binary: str, cfg: QemuMigrationConfig,
             return _cpu_models[key]
         tried: list[str] = []
         for model in candidates:
-            why = cpu_model_boots(binary, cfg, model)
+            why = cpu_model_boots(binary, cfg, model, timeout_s)
             if why is None:
                 _cpu_models[key] = model
                 return model
@@ -519,9 +520,12 @@ def clear_cpu_model_cache() -> None:
         _cpu_models.clear()
 
 
-def choose_cpu_model(binary: str, cfg: QemuMigrationConfig) -> str:
-    """``cfg.cpu_model``, else ``$LIVEMIG_QEMU_CPU``, else `probe_cpu_model`."""
-    return cfg.cpu_model or os.environ.get("LIVEMIG_QEMU_CPU") or probe_cpu_model(binary, cfg)
+def choose_cpu_model(binary: str, cfg: QemuMigrationConfig,
+                     timeout_s: float = CPU_PROBE_TIMEOUT_S) -> str:
+    """``cfg.cpu_model``, else ``$LIVEMIG_QEMU_CPU``, else `probe_cpu_model` (each model
+    given `timeout_s` to heartbeat)."""
+    return (cfg.cpu_model or os.environ.get("LIVEMIG_QEMU_CPU")
+            or probe_cpu_model(binary, cfg, timeout_s=timeout_s))
 
 
 def guest_gap_ms(src: list[tuple[float, int]], dst: list[tuple[float, int]],
