@@ -210,13 +210,14 @@ def test_restore_without_a_tap_for_the_nic(lab: netlab.Lab,
 class NsListener:
     """`livemig listen --once` on the lab's destination host, behind its TAP."""
 
-    def __init__(self, lab: netlab.Lab, tmp: Path) -> None:
+    def __init__(self, lab: netlab.Lab, tmp: Path, net: bool = True) -> None:
         self.control = str(tmp / "dst.sock")
         self.log = tmp / "dst.log"
         self.proc = subprocess.Popen(
             [*lab.exec("dst"), *LIVEMIG, "listen", "--host", lab.dst_ip, "--port", "0",
-             "--once", *AUTH, "--net", f"tap={lab.tap}", "--console", str(tmp / "dst.console"),
-             "--control", self.control], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             "--once", *AUTH, *(["--net", f"tap={lab.tap}"] if net else []),
+             "--console", str(tmp / "dst.console"), "--control", self.control],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stderr is not None
         m = re.search(r":(\d+)\s*$", self.proc.stderr.readline())
         assert m, "listen did not say its port"
@@ -261,6 +262,27 @@ def test_soft_net_migration_loses_no_request(lab: netlab.Lab,
     assert r["sent"] == 4000 and r["lost"] == 0 and r["duplicates"] == 0, r
     assert r["wrong_values"] == 0 and r["served_regressions"] == 0, r
     assert r["readback_checked"] == 2000 and r["readback_wrong"] == 0, r
+
+
+@needs_kvm
+@needs_lab
+def test_destination_without_a_tap_refuses(lab: netlab.Lab, tmp_path: Path,
+                                           machines: Callable[..., MachineProcess]) -> None:
+    """A destination that has no TAP for the machine's NIC refuses it at CONFIG; the source
+    runs on and keeps serving."""
+    m = serve(machines, lab)
+    lst = NsListener(lab, tmp_path, net=False)
+    try:
+        res = run_cli("migrate", m.control, "--to", f"{lab.dst_ip}:{lst.port}", *AUTH,
+                      "--json", timeout=120)
+        stats = json.loads(res.stdout)
+        assert res.returncode != 0 and stats["status"] == "failed", stats
+        assert "--net tap=NAME" in stats["error"], stats["error"]
+    finally:
+        lst.proc.terminate()
+        lst.proc.communicate(timeout=20)
+    assert m.ctl("status")["state"] == "running"
+    check_serves(lab)
 
 
 @needs_lab
