@@ -66,6 +66,7 @@ class NetBenchSettings:
     keys: int = 4096
     auth: str = "psk"
     repeat: int = 1  # runs of each configuration, interleaved
+    link: str | None = "20mbit"  # every host's link to the switch shaped so (tc tbf); None: not
     lab: str = field(default_factory=lambda: f"lmb{os.getpid() % 100000}")
 
 
@@ -181,7 +182,7 @@ def run_bench(s: NetBenchSettings, vs_qemu: bool, say: Callable[[str], None]) ->
     """Every configuration in one lab; the result, with the goals checked."""
     modes = [m for m in MODES if m in {x.value for x in Mode}]
     runs: list[NetRun] = []
-    with netlab.lab(s.lab) as lab:
+    with netlab.lab(s.lab, s.link) as lab:
         for _ in range(s.repeat):  # interleaved, so that the host's noise hits all alike
             for mode in modes:
                 for soft in (True, False):
@@ -246,7 +247,7 @@ def print_report(result: dict[str, Any]) -> None:
     s = result["settings"]
     t = Table(title=f"netserve migration, client {s['rate']:.0f} req/s + ping every "
                     f"{s['ping_interval'] * 1000:.0f} ms, migrated {s['migrate_at']:.0f} s "
-                    f"into {s['duration']:.0f} s")
+                    f"into {s['duration']:.0f} s, links {s['link'] or 'unshaped'}")
     for col in ("who", "mode", "status", "downtime ms", "UDP lost", "late", "largest gap ms",
                 "values wrong", "ping lost", "max rtt ms", "forwarded"):
         t.add_column(col, justify="left" if col in ("who", "mode", "status") else "right")

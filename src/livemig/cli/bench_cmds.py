@@ -125,9 +125,12 @@ def precopy(vs_qemu: bool, mem: int, wss: str, vcpus: int, repeat: int, max_down
 @click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
               help="runs of each configuration, interleaved")
+@click.option("--link", default="20mbit", show_default=True, metavar="RATE|none",
+              help="shape every host's link to the switch (tc tbf rate): an edge site's "
+              "uplink, on which a migration's switch-over lasts long enough to be seen")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float, auth: str,
-        repeat: int, as_json: bool) -> None:
+        repeat: int, link: str | None, as_json: bool) -> None:
     """A netserve guest migrated while a client sends UDP requests and pings it: livemig with
     soft handover, livemig announcing only, and QEMU (--vs-qemu), in one network lab."""
     from livemig.bench import netbench
@@ -136,7 +139,8 @@ def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float
     if migrate_at >= duration:
         raise BadInput("--migrate-at must fall inside --duration")
     s = netbench.NetBenchSettings(mem=mem, rate=rate, duration=duration,
-                                  migrate_at=migrate_at, auth=auth, repeat=repeat)
+                                  migrate_at=migrate_at, auth=auth, repeat=repeat,
+                                  link=None if link == "none" else link)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:
         result = netbench.run_bench(s, vs_qemu, say)
