@@ -199,15 +199,19 @@ def future_version_destination() -> tuple[str, int]:
 
 
 def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
-                         *flags: str) -> dict[str, Any]:
-    """Migrate a live `verify` guest (256M, wss=4M) with `livemig migrate FLAGS
-    --verify-memory --json` to a `livemig listen`; check it completed, verified, and that the
-    guest passes again at the destination. Returns the stats for more checks."""
+                         *flags: str, guest: str = "verify", mem: str = "256M",
+                         cmdline: str = "wss=4M rate=2000") -> dict[str, Any]:
+    """Migrate a live `verify` guest (256M, wss=4M; or another that reports OK) with
+    `livemig migrate FLAGS --verify-memory --json` to a `livemig listen`; check it completed,
+    verified, and that the guest passes again at the destination. Returns the stats."""
     import json
 
-    src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2",
-                    "--append", "wss=4M rate=2000"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    src = machines(["run", image(guest), "--mem", mem, "--vcpus", "2",
+                    "--append", cmdline], "src")
+    # `verify` reports OK after each clean pass; `cpustate` checks registers all the time and
+    # reports only heartbeats (and FAIL on a mismatch).
+    count = "ok" if guest == "verify" else "heartbeat"
+    wait_for(lambda: src.ctl("status")["probe"]["counts"][count] >= 1, 30, f"a first {guest} pass")
     dst = Listener(tmp)
     try:
         res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH, *flags,
@@ -216,9 +220,9 @@ def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
         stats: dict[str, Any] = json.loads(res.stdout)
         assert stats["status"] == "completed" and stats["verified_memory"] is True, stats
         assert stats["error"] is None
-        oks = dst.ctl("status")["probe"]["counts"]["ok"]
-        wait_for(lambda: dst.ctl("status")["probe"]["counts"]["ok"] > oks, 30,
-                 "a verify pass at the destination")
+        oks = dst.ctl("status")["probe"]["counts"][count]
+        wait_for(lambda: dst.ctl("status")["probe"]["counts"][count] > oks, 30,
+                 f"a {guest} pass at the destination")
         status = dst.ctl("status")
         assert status["state"] == "running" and status["error"] is None, status
         assert status["probe"]["counts"]["fail"] == 0, status["probe"]

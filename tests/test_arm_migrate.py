@@ -29,6 +29,10 @@ CASES = [
     ("cpustate", "hb=50", "precopy", ()),
     ("verify", "wss=4M rate=5000", "stop-copy", ()),
     ("verify", "wss=4M rate=5000", "precopy", ALL_AT_ONCE),
+    ("verify", "wss=4M rate=5000", "postcopy", ()),
+    ("cpustate", "hb=50", "postcopy", ()),
+    ("verify", "wss=4M rate=5000", "hybrid", ("--postcopy-after", "1")),
+    ("cpustate", "hb=50", "hybrid", ("--postcopy-after", "1")),
 ]
 
 
@@ -45,8 +49,8 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
     try:
         res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH,
                       "--mode", mode, *flags, "--verify-memory", "--json")
-        assert res.returncode == 0, res.stderr
         stats = json.loads(res.stdout)
+        assert res.returncode == 0, (stats["error"], stats.get("events"), dst.terminate())
         assert stats["status"] == "completed" and stats["mode"] == mode, stats
         assert stats["verified_memory"] is True and stats["error"] is None
         assert src.proc.wait(15) == 0  # the source host ends once its machine has moved

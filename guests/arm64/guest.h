@@ -14,7 +14,7 @@ typedef unsigned char u8;
 #define MAIR_VALUE 0xff00UL
 
 enum { BOOT = 1, HEARTBEAT = 2, OK = 3, FAIL = 4 };
-enum { W_HOTSET = 1, W_VERIFY = 2, W_CPUSTATE = 3 };
+enum { W_HOTSET = 1, W_VERIFY = 2, W_CPUSTATE = 3, W_IDLE = 4, W_TRAPS = 5 };
 
 extern char _end[];
 extern u64 pgtable[];
@@ -29,6 +29,26 @@ u64 param(const char *cmdline, const char *key, u64 dflt);
 u64 ticks(void);
 u64 tick_freq(void);
 u32 cpus_wanted(const char *cmdline, u32 ncpus);
+
+/* interrupts (lib.c): GICv2 at 0x08000000 / 0x08010000, generic timer CNTV on PPI 27 */
+#define PPI_CNTV 27
+#define SPI_UART 33
+typedef void (*irq_fn)(u32 cpu, u32 id, u32 source);
+typedef void (*sync_fn)(u32 cpu, u64 esr, u64 far, u64 *frame);  /* frame[31] = ELR */
+extern sync_fn sync_handler;
+void gic_init_cpu(u32 cpu);
+void irq_on(u32 id, u32 cpu, int edge, irq_fn fn);
+void send_sgi(u32 id, u32 targets);  /* targets: CPU bit mask */
+void timer_start(u64 period_ticks);  /* CNTV: first deadline now + period */
+void timer_set(u64 cval);
+u64 timer_ctl(void);
+void irq_enable(void);
+void irq_disable(void);
+void wfi(void);
+void uart_txim(int on);
+void uart_clear_tx(void);
+char *fmt_hex(char *p, u64 v);
+u32 this_cpu(void);
 
 #define SYSREG_READ(r) ({ u64 __v; __asm__ volatile("mrs %0, " #r : "=r"(__v)); __v; })
 #endif

@@ -45,14 +45,14 @@ _start:
 park:
     b       park
 
-/* Exception vectors: any exception taken is a failure; report it with its ESR. */
+/* Exception vectors: every entry saves the interrupted context (X0-X30, ELR, SPSR) and calls
+ * exception_entry(vector number 0-15, frame) in lib.c, then restores it and returns with ERET.
+ * Frame (u64 index): 0-30 X0-X30, 31 ELR_EL1, 32 SPSR_EL1; 34 words, 272 bytes. */
     .macro  vent n
     .balign 128
+    stp     x0, x1, [sp, #-272]!
     mov     x0, #\n
-    mrs     x1, esr_el1
-    mrs     x2, elr_el1
-    mrs     x3, far_el1
-    b       guest_exception
+    b       exc_common
     .endm
 
     .balign 2048
@@ -73,6 +73,48 @@ vectors:
     vent 13
     vent 14
     vent 15
+
+exc_common:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x2, elr_el1
+    mrs     x3, spsr_el1
+    stp     x30, x2, [sp, #240]
+    str     x3, [sp, #256]
+    mov     x1, sp
+    bl      exception_entry
+    ldr     x3, [sp, #256]
+    ldp     x30, x2, [sp, #240]
+    msr     elr_el1, x2
+    msr     spsr_el1, x3
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x19, [sp, #144]
+    ldp     x20, x21, [sp, #160]
+    ldp     x22, x23, [sp, #176]
+    ldp     x24, x25, [sp, #192]
+    ldp     x26, x27, [sp, #208]
+    ldp     x28, x29, [sp, #224]
+    ldp     x0, x1, [sp], #272
+    eret
 
     .section .data
     .balign 4096

@@ -1,8 +1,21 @@
 /* verify: every page of this CPU's share of the region holds fill(page, version[page]);
  * pages are rewritten at rate= pages/s (all CPUs together; 0 = flat out) and the whole share
  * is re-checked continually.  A stale page or version entry after a migration is a FAIL
- * (value = page index in the region, aux = expected version).  OK after each full check. */
+ * (value = page index in the region, aux = expected version).  OK after each full check.
+ * Heartbeats are timer-driven: CNTV interrupts every 100 ms, the loop reports each tick. */
 #include "guest.h"
+
+static volatile u64 tick_count[MAX_CPUS];
+static u64 hb_period, hb_deadline[MAX_CPUS];
+
+static void on_tick(u32 cpu, u32 id, u32 src)
+{
+    (void)id; (void)src;
+    hb_deadline[cpu] += hb_period;
+    if (hb_deadline[cpu] <= ticks()) hb_deadline[cpu] = ticks() + hb_period;
+    timer_set(hb_deadline[cpu]);
+    tick_count[cpu]++;
+}
 
 static inline u64 word(u64 page, u64 version, u64 i)
 {
@@ -33,7 +46,7 @@ void workload(const char *cmdline, u64 ram_size, u32 cpu, u32 ncpus)
     u64 pages = wss / PAGE, per = pages / ncpus, first = cpu * per;
     if (cpu == ncpus - 1) per = pages - first;
     volatile u32 *version = (volatile u32 *)vtab;
-    u64 freq = tick_freq(), t0 = ticks(), hb_every = freq / 10, next_hb = t0 + hb_every;
+    u64 freq = tick_freq(), t0 = ticks();
     u64 written = 0, next_write = 0, hb = 0, passes = 0;
 
     for (u64 i = first; i < first + per; i++) {
@@ -41,6 +54,12 @@ void workload(const char *cmdline, u64 ram_size, u32 cpu, u32 ncpus)
         fill((volatile u64 *)(base + i * PAGE), i, 1);
     }
     if (cpu == 0) report(cpu, BOOT, W_VERIFY, ncpus, "verify", 0);
+    hb_period = freq / 10;
+    gic_init_cpu(cpu);
+    irq_on(PPI_CNTV, cpu, 0, on_tick);
+    hb_deadline[cpu] = ticks() + hb_period;
+    timer_start(hb_period);
+    irq_enable();
     for (;;) {
         for (u64 i = first; i < first + per; i++) {
             if (!check((volatile u64 *)(base + i * PAGE), i, version[i])) {
@@ -58,9 +77,9 @@ void workload(const char *cmdline, u64 ram_size, u32 cpu, u32 ncpus)
                 next_write = (next_write + 97) % per;   /* spread writes over the share */
             }
             if (written + 4096 < due) written = due - 4096;  /* never build a huge backlog */
-            if (now >= next_hb) {
-                report(cpu, HEARTBEAT, ++hb, written, "verify", 0);
-                next_hb = now + hb_every;
+            if (tick_count[cpu] != hb) {
+                hb = tick_count[cpu];
+                report(cpu, HEARTBEAT, hb, written, "verify", 0);
             }
         }
         report(cpu, OK, ++passes, per, "verify", 0);

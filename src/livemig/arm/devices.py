@@ -14,6 +14,8 @@ UART_BASE = 0x0900_0000
 UART_SIZE = 0x1000
 
 _FR = 0x18
+_RIS, _MIS, _ICR, _IMSC = 0x3C, 0x40, 0x44, 0x38
+TXIS = 1 << 5  # transmit interrupt: the (always empty) FIFO can take more
 _FR_TXFE_RXFE = 0x90  # transmit FIFO empty, receive FIFO empty: never busy, nothing to read
 _ID = {
     0xFE0: 0x11,
@@ -42,13 +44,20 @@ Console = BinaryIO | Callable[[bytes], None] | None
 
 
 class Pl011:
-    """PL011 transmit path; one line buffer per vCPU so lines of different CPUs never mix."""
+    """PL011 transmit path; one line buffer per vCPU so lines of different CPUs never mix.
 
-    def __init__(self, vcpus: int, console: Console, keep: int = 1000) -> None:
+    Interrupts: transmitting a character sets the transmit interrupt (RIS.TXRIS: the FIFO is
+    empty again at once); ICR clears it; the SPI line (`irq`) is high while RIS & IMSC.
+    """
+
+    def __init__(self, vcpus: int, console: Console, keep: int = 1000,
+                 irq: Callable[[bool], None] | None = None) -> None:
         self._console = console
+        self._irq = irq
         self._lock = threading.Lock()
         self.regs: dict[str, int] = {n: 0 for n in _KEPT.values()}
         self.regs["cr"] = 0x301  # UARTEN | TXE | RXE (reset value)
+        self.regs["ris"] = 0
         self._partial = [bytearray() for _ in range(vcpus)]
         self.lines: deque[bytes] = deque(maxlen=keep)  # recent complete lines, for status/tests
 
@@ -57,14 +66,30 @@ class Pl011:
             return _FR_TXFE_RXFE
         if offset in _ID:
             return _ID[offset]
+        if offset == _RIS:
+            return self.regs["ris"]
+        if offset == _MIS:
+            return self.regs["ris"] & self.regs["imsc"]
         name = _KEPT.get(offset)
         return self.regs[name] if name and name != "icr" else 0
 
     def write(self, vcpu: int, offset: int, value: int) -> None:
         if offset == 0:
             self._put(vcpu, value & 0xFF)
+            self.regs["ris"] |= TXIS
         elif offset in _KEPT:
             self.regs[_KEPT[offset]] = value & 0xFFFF
+            if offset == _ICR:
+                self.regs["ris"] &= ~value
+        else:
+            return
+        if offset in (0, _ICR, _IMSC):
+            self.drive()
+
+    def drive(self) -> None:
+        """Set the interrupt line from RIS & IMSC."""
+        if self._irq is not None:
+            self._irq(bool(self.regs["ris"] & self.regs["imsc"]))
 
     def _put(self, vcpu: int, ch: int) -> None:
         buf = self._partial[vcpu]
@@ -98,6 +123,7 @@ class Pl011:
     def load(self, s: dict[str, Any]) -> None:
         self.regs.update({k: int(v) for k, v in s["regs"].items() if k in self.regs})
         self._partial = [bytearray(b) for b in s["partial"]]
+        self.drive()
 
 
 class ProbeDevice:

@@ -28,6 +28,7 @@ import ctypes
 import mmap
 import platform
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from unicorn import UC_HOOK_BLOCK
@@ -47,19 +48,23 @@ def _x86_64_code(uc_emu_stop: int) -> bytes:
     )
 
 
-class _Trampoline:
-    def __init__(self) -> None:
+class NativeCode:
+    """A few bytes of x86-64 machine code, made executable for the process' life.
+
+    `address` is None (and `why` says why) on other hosts or where the system refuses
+    executable anonymous memory; callers then fall back to a Python hook.
+    """
+
+    def __init__(self, build: Callable[[], bytes]) -> None:
         self.address: int | None = None
         self.why = ""
         self._map: mmap.mmap | None = None
         self._buf: Any = None
         if platform.machine().lower() not in ("x86_64", "amd64"):
-            self.why = f"no native stop hook for {platform.machine()} hosts"
+            self.why = f"no native hook for {platform.machine()} hosts"
             return
         try:
-            stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-            assert stop
-            code = _x86_64_code(stop)
+            code = build()
             m = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             m.write(code)
             buf = (ctypes.c_char * mmap.PAGESIZE).from_buffer(m)
@@ -70,9 +75,20 @@ class _Trampoline:
                 self.why = f"mprotect(PROT_EXEC) refused: errno {ctypes.get_errno()}"
                 return
         except (OSError, AttributeError, ValueError, AssertionError) as e:
-            self.why = f"cannot build the native stop hook: {e}"
+            self.why = f"cannot build the native hook: {e}"
             return
         self._map, self._buf, self.address = m, buf, addr  # kept for the process' life
+
+
+def _stop_code() -> bytes:
+    stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+    assert stop
+    return _x86_64_code(stop)
+
+
+class _Trampoline(NativeCode):
+    def __init__(self) -> None:
+        super().__init__(_stop_code)
 
 
 _trampoline: _Trampoline | None = None

@@ -33,6 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livemig.arm import Armv8Machine
+from livemig.bench.cpustate_udp import (
+    THESIS_DATAGRAM,
+    SerialConsole,
+    UdpClient,
+    UdpError,
+    UdpTrial,
+    new_key,
+)
 from livemig.bench.cpustate_wire import (
     PeerError,
     digest,
@@ -236,12 +244,62 @@ def _wait_running(machine: Armv8Machine, timeout: float = 30.0) -> None:
                      + (f": {machine.error}" if machine.error else ""))
 
 
+def _udp_trials(machine: Armv8Machine, link: PeerLink, names: list[str], repeat: int,
+                gap: float, client: UdpClient, console: SerialConsole) -> list[UdpTrial]:
+    n = machine.config.vcpus
+    trials = []
+    for _ in range(repeat):
+        time.sleep(gap)
+        machine.pause()
+        try:
+            trials.append(client.trial(
+                lambda: [machine.get_registers(i, names) for i in range(n)], names, console))
+        except UdpError as e:
+            raise BenchError(str(e)) from e
+        finally:
+            machine.resume()
+    return trials
+
+
+def _udp_row(regs: int, trials: list[UdpTrial]) -> dict[str, Any]:
+    thesis_ns = THESIS_TABLE5_NS.get(regs)
+    med = {k: float(statistics.median(getattr(t, k) for t in trials))
+           for k in ("thesis_ms", "livemig_ms", "capture_ms", "print_ms", "roundtrip_ms",
+                     "adopt_ms")}
+    return {"regs": regs, "thesis_table_ms": thesis_ns / 1e6 if thesis_ns else None,
+            "thesis_interval_ms": med["thesis_ms"], "livemig_ms": med["livemig_ms"],
+            **{k: med[k] for k in ("capture_ms", "print_ms", "roundtrip_ms", "adopt_ms")},
+            "thesis_interval_runs_ms": [t.thesis_ms for t in trials],
+            "livemig_runs_ms": [t.livemig_ms for t in trials],
+            "adopted_exact": all(t.exact for t in trials)}
+
+
+def run_udp(machine: Armv8Machine, link: PeerLink, counts: Sequence[int], repeat: int,
+            gap: float, console: SerialConsole) -> dict[str, Any]:
+    """Both intervals per count over UDP (`livemig.bench.cpustate_udp`); the `udp` report."""
+    key = new_key()
+    port = int(link.request({"op": "udp", "key": key})["port"])
+    client = UdpClient((link.sock.getpeername()[0], port), key)
+    rows = []
+    try:
+        for n in counts:
+            rows.append(_udp_row(n, _udp_trials(machine, link, register_names(n), repeat, gap,
+                                                client, console)))
+    finally:
+        client.close()
+    received = link.next_reply().get("counts", {})
+    return {"rows": rows, "console_baud": console.baud, "datagram_bytes": THESIS_DATAGRAM,
+            "peer_received": received}
+
+
 def run(config: MachineConfig, counts: Sequence[int], repeat: int = 5, gap: float = 0.05,
-        peer: tuple[str, int] | None = None, full_state: bool = True) -> dict[str, Any]:
+        peer: tuple[str, int] | None = None, full_state: bool = True,
+        udp_console: SerialConsole | None = None) -> dict[str, Any]:
     """Run the experiment on a fresh source machine; returns the JSON report (see module doc).
 
     `gap` is how long the guest runs between trials; `peer` is the address of a running
-    `livemig.bench.cpustate_peer` (default: spawn one locally).
+    `livemig.bench.cpustate_peer` (default: spawn one locally). With `udp_console` the trials
+    go over UDP instead (`run_udp`), the thesis' interval printing to that console.
     """
     if repeat < 1:
         raise BenchError("--repeat must be at least 1")
@@ -251,6 +309,15 @@ def run(config: MachineConfig, counts: Sequence[int], repeat: int = 5, gap: floa
         machine.start()
         _wait_running(machine)
         with peer_link(config, peer) as link:
+            if udp_console is not None:
+                hb_before = machine.probe.counts[ProbeKind.HEARTBEAT]
+                udp = run_udp(machine, link, counts, repeat, gap, udp_console)
+                time.sleep(max(gap, 0.2))
+                guest = _guest(machine, hb_before)
+                return {**_report(config, [], None, repeat, guest, peer, link.pid),
+                        "rows": [], "transport": "udp", "udp": udp,
+                        "timed": "thesis: capture + console + sendto; livemig: capture + "
+                                 "send + adopt + acknowledgement"}
             _trial_registers(machine, link, rows[0].names)  # warm-up, not counted
             hb_before = machine.probe.counts[ProbeKind.HEARTBEAT]
             for row in rows:
@@ -265,15 +332,16 @@ def run(config: MachineConfig, counts: Sequence[int], repeat: int = 5, gap: floa
                     trial, full.bytes = _trial_state(machine, link)
                     full.trials.append(trial)
             time.sleep(max(gap, 0.2))
-            guest = {
-                "heartbeats_during": machine.probe.counts[ProbeKind.HEARTBEAT] - hb_before,
-                "failures": machine.probe.counts[ProbeKind.FAIL],
-                "error": machine.error,
-            }
+            guest = _guest(machine, hb_before)
             peer_pid = link.pid
     finally:
         machine.close()
     return _report(config, rows, full, repeat, guest, peer, peer_pid)
+
+
+def _guest(machine: Armv8Machine, hb_before: int) -> dict[str, Any]:
+    return {"heartbeats_during": machine.probe.counts[ProbeKind.HEARTBEAT] - hb_before,
+            "failures": machine.probe.counts[ProbeKind.FAIL], "error": machine.error}
 
 
 def _report(config: MachineConfig, rows: list[Row], full: Row | None, repeat: int,
@@ -309,3 +377,34 @@ def _report(config: MachineConfig, rows: list[Row], full: Row | None, repeat: in
         "table6": table6,
         "guest": guest,
     }
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Time against registers per vCPU: the thesis' Table 5 beside what was measured here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    thesis = sorted(THESIS_TABLE5_NS.items())
+    ax.plot([n for n, _ in thesis], [ns / 1e6 for _, ns in thesis], "o--", color="grey",
+            label="thesis Table 5 (Xvisor, RPi 3)")
+    if report["transport"] == "udp":
+        rows = report["udp"]["rows"]
+        regs = [r["regs"] for r in rows]
+        ax.plot(regs, [r["thesis_interval_ms"] for r in rows], "s-",
+                label=f"thesis' interval here (console {report['udp']['console_baud']} baud)")
+        ax.plot(regs, [r["livemig_ms"] for r in rows], "^-", label="livemig: adopted + acked")
+    else:
+        rows = report["rows"]
+        ax.plot([r["regs"] for r in rows], [r["median_ms"] for r in rows], "^-",
+                label="livemig: pause .. ack (TCP)")
+    ax.set_xlabel("registers per vCPU")
+    ax.set_ylabel("ms (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"CPU-state migration, {report['vcpus']} vCPUs, {report['transport']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

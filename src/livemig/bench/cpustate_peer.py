@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from livemig.arm import Armv8Machine
+from livemig.bench.cpustate import THESIS_ORDER
+from livemig.bench.cpustate_udp import serve
 from livemig.bench.cpustate_wire import (
     PeerError,
     digest,
@@ -66,6 +68,8 @@ class Peer:
             self._adopt_registers(list(msg["names"]), bytes(msg["values"]))
         elif op == "state":
             self._adopt_state(bytes(msg["state"]))
+        elif op == "udp":
+            self._serve_udp(bytes(msg["key"]))
         else:
             raise PeerError(f"unknown op {op!r}")
 
@@ -74,16 +78,33 @@ class Peer:
             raise PeerError("no machine yet: send hello first")
         return self.machine
 
-    def _adopt_registers(self, names: list[str], values: bytes) -> None:
+    def _adopt(self, names: list[str], values: bytes) -> tuple[float, bytes]:
+        """Adopt registers into the vCPUs: (ms it took, the registers read back, packed)."""
         m = self._need_machine()
         t0 = time.perf_counter()
         per_vcpu = unpack_registers(values, names, m.config.vcpus)
         for i, regs in enumerate(per_vcpu):
             m.set_registers(i, regs)
         adopt_ms = (time.perf_counter() - t0) * 1e3
-        send_msg(self.sock, {"ok": True, "adopt_ms": adopt_ms})
         back = [m.get_registers(i, names) for i in range(m.config.vcpus)]
-        send_msg(self.sock, {"digest": digest(pack_registers(back, names))})
+        return adopt_ms, pack_registers(back, names)
+
+    def _adopt_registers(self, names: list[str], values: bytes) -> None:
+        adopt_ms, back = self._adopt(names, values)
+        send_msg(self.sock, {"ok": True, "adopt_ms": adopt_ms})
+        send_msg(self.sock, {"digest": digest(back)})
+
+    def _serve_udp(self, key: bytes) -> None:
+        """Open a UDP socket next to the control connection; serve it until the source ends."""
+        m = self._need_machine()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind((self.sock.getsockname()[0], 0))
+            send_msg(self.sock, {"ok": True, "port": udp.getsockname()[1]})
+            counts = serve(udp, key, m.config.vcpus, THESIS_ORDER, self._adopt)
+        finally:
+            udp.close()
+        send_msg(self.sock, {"ok": True, "counts": counts})
 
     def _adopt_state(self, blob: bytes) -> None:
         m = self._need_machine()

@@ -11,6 +11,7 @@ from livemig.bench import grid, rawcopy, report
 from livemig.bench.pair import AUTH_KINDS
 from livemig.bench.qemu import QemuError, QemuMigrationConfig, run_qemu_migration
 from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
+from livemig.cli.bench_arm import cpu_load, essential_state
 from livemig.cli.bench_cpustate import cpu_state
 from livemig.cli.options import SIZE, BadInput
 from livemig.images import guest_image
@@ -22,6 +23,8 @@ def bench() -> None:
 
 
 bench.add_command(cpu_state)
+bench.add_command(essential_state)
+bench.add_command(cpu_load)
 
 
 def _line(who: str, i: int, n: int, r: dict[str, Any]) -> str:

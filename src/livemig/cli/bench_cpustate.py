@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -11,11 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig.bench import cpustate
+from livemig.bench.cpustate_udp import SerialConsole
 from livemig.contract import Arch, MachineConfig
 from livemig.images import guest_image
 
 # Compact tables: they fit 80 columns (pipes, CI logs).
-_STYLE: dict[str, Any] = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "show_edge": False}
+STYLE: dict[str, Any] = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "show_edge": False}
 GUEST_CMDLINE = {"cpustate": "hb=50", "verify": "wss=16M rate=20000"}
 
 
@@ -41,6 +44,24 @@ def _parse_peer(text: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def write_outputs(report: dict[str, Any], out: str | None, name: str,
+                  plot: Callable[[dict[str, Any], str], None]) -> list[str]:
+    """Write DIR/name.json and DIR/name.png when `out` is given; the paths written."""
+    if out is None:
+        return []
+    js, png = os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.png")
+    with open(js, "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, png)
+    return [js, png]
+
+
+def out_dir(out: str | None) -> None:
+    """Bad input: --out must be an existing directory (checked before anything runs)."""
+    if out is not None and not os.path.isdir(out):
+        raise click.BadParameter(f"{out} is not a directory", param_hint="--out")
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -49,15 +70,54 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _baud(baud: int) -> str:
+    return f"{baud} baud serial model" if baud else "no serial model"
+
+
+def print_udp_report(report: dict[str, Any], out: Console) -> None:
+    """--transport udp: the thesis' interval and livemig's, per register count, and Table 6."""
+    udp = report["udp"]
+    t = Table(title=f"Table 5 over UDP: {report['vcpus']} vCPUs, median of {report['repeat']}",
+              caption=f"ms; thesis = its Table 5; thesis interval = capture + console "
+                      f"({_baud(udp['console_baud'])}) + sendto of "
+                      f"{udp['datagram_bytes']} bytes; livemig = capture + send + adopt + ack",
+              **STYLE)
+    for col in ("regs", "thesis", "interval", "livemig", "capture", "print", "rtt", "adopt",
+                "exact"):
+        t.add_column(col, justify="right")
+    for r in udp["rows"]:
+        t.add_row(str(r["regs"]), _ms(r["thesis_table_ms"]), _ms(r["thesis_interval_ms"]),
+                  _ms(r["livemig_ms"]), _ms(r["capture_ms"]), _ms(r["print_ms"]),
+                  _ms(r["roundtrip_ms"]), _ms(r["adopt_ms"]), "yes" if r["adopted_exact"] else "NO")
+    out.print(t)
+    r34 = next((r for r in udp["rows"] if r["regs"] == 34), None)
+    if r34:
+        t = Table(title="Table 6 over UDP: runs of 34 registers per vCPU (ms)", **STYLE)
+        for col in ("run", "thesis", "interval", "livemig"):
+            t.add_column(col, justify="right")
+        thesis = [ns / 1e6 for ns in cpustate.THESIS_TABLE6_NS]
+        ours, lm = r34["thesis_interval_runs_ms"], r34["livemig_runs_ms"]
+        for i in range(max(len(thesis), len(ours))):
+            t.add_row(str(i + 1), _ms(thesis[i] if i < len(thesis) else None),
+                      _ms(ours[i] if i < len(ours) else None), _ms(lm[i] if i < len(lm) else None))
+        out.print(t)
+    g = report["guest"]
+    out.print(f"peer received {udp['peer_received']}; guest during the runs: "
+              f"{g['heartbeats_during']} heartbeats, {g['failures']} failures, error: {g['error']}")
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Tables 5 (and 6, when 34 registers were measured) with the thesis' figures beside ours."""
     out = console or Console()
+    if report["transport"] == "udp":
+        print_udp_report(report, out)
+        return
     t = Table(title=f"Table 5: CPU-state migration, {report['vcpus']} vCPUs, "
                     f"median of {report['repeat']} (thesis: {report['thesis_vcpus']} vCPUs)",
               caption="times in ms; ratio = livemig / thesis; xfer = send + adopt + ack; "
                       "adopt = at the destination; exact = destination holds the source's "
                       "values",
-              **_STYLE)
+              **STYLE)
     for col in ("regs", "bytes", "thesis", "livemig", "ratio", "pause", "capture", "xfer",
                 "adopt", "exact"):
         t.add_column(col, justify="right")
@@ -71,7 +131,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     out.print(t)
     t6 = report.get("table6")
     if t6:
-        t = Table(title="Table 6: runs of 34 registers per vCPU (ms)", **_STYLE)
+        t = Table(title="Table 6: runs of 34 registers per vCPU (ms)", **STYLE)
         for col in ("run", "thesis", "livemig"):
             t.add_column(col, justify="right")
         thesis, ours = t6["thesis_runs_ms"], t6["runs_ms"]
@@ -107,20 +167,39 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
               help="HOST:PORT of a running `python -m livemig.bench.cpustate_peer` "
                    "[default: spawn one on loopback]")
 @click.option("--no-full-state", is_flag=True, help="skip the full-state row")
+@click.option("--transport", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True,
+              help="udp: the thesis' own interval (console + 200-byte datagram) beside "
+                   "livemig's (adopted and acknowledged), one datagram each")
+@click.option("--console-baud", type=click.IntRange(0, 10_000_000), default=115200,
+              show_default=True, help="udp: speed of the serial console the thesis printed "
+                                      "the registers on (0: no serial model)")
+@click.option("--console", "console_path", default=os.devnull, show_default=True,
+              help="udp: where the register lines are printed")
+@click.option("--out", default=None, metavar="DIR", help="write cpu-state.json/.png here")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def cpu_state(arch: str, vcpus: int, regs_text: str, repeat: int, guest: str, mem: int,
-              gap: float, peer_text: str | None, no_full_state: bool, as_json: bool) -> None:
+              gap: float, peer_text: str | None, no_full_state: bool, transport: str,
+              console_baud: int, console_path: str, out: str | None, as_json: bool) -> None:
     """Time pause, capture, send and adoption of N registers per vCPU (thesis Tables 5, 6)."""
     counts = _parse_regs(regs_text)
     peer = _parse_peer(peer_text)
+    out_dir(out)
     config = MachineConfig(Arch(arch), mem << 20, vcpus, guest_image(guest, Arch(arch)),
                            GUEST_CMDLINE[guest])
     try:
-        report = cpustate.run(config, counts, repeat=repeat, gap=gap, peer=peer,
-                              full_state=not no_full_state)
+        with open(console_path, "a") as sink:
+            udp = SerialConsole(sink, console_baud) if transport == "udp" else None
+            report = cpustate.run(config, counts, repeat=repeat, gap=gap, peer=peer,
+                                  full_state=not no_full_state, udp_console=udp)
+    except OSError as e:
+        raise click.BadParameter(f"cannot write {console_path}: {e.strerror}",
+                                 param_hint="--console") from None
     except cpustate.BenchError as e:
         raise click.ClickException(str(e)) from e
+    files = write_outputs(report, out, "cpu-state", cpustate.plot)
     if as_json:
         click.echo(json.dumps(report))
     else:
         print_report(report)
+        if files:
+            Console().print(f"wrote {', '.join(files)}")

@@ -136,6 +136,16 @@ def _show_table(stats: dict[str, Any]) -> None:
         ("verified memory", str(stats["verified_memory"])),
     ]
     rows += [(f"pages {k}", f"{v:,}") for k, v in stats["pages"].items()]
+    f = stats.get("faults") or {}
+    if f.get("pushed") or f.get("pulled") or f.get("count"):
+        lat = f.get("latency_ms") or {}
+        rows += [("post-copy pages pushed / pulled", f"{f['pushed']:,} / {f['pulled']:,}"),
+                 ("faults", f"{f['count']:,}"),
+                 ("fault latency p50/p90/p99", "/".join(
+                     "-" if lat.get(k) is None else f"{lat[k]:.3f}"
+                     for k in ("p50", "p90", "p99")) + " ms"),
+                 ("vCPU time blocked", f"{f['blocked_ms']:.1f} ms"),
+                 ("last page at", f"{f['last_page_ms']:.1f} ms")]
     for r in rows:
         t.add_row(*r)
     Console(stderr=True).print(t)
@@ -155,7 +165,7 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
             except ControlError as e:
                 return {"status": "unknown", "stats": None,
                         "error": f"lost the source's control socket: {e}"}
-            if q.get("status") not in ("setup", "active"):
+            if q.get("status") not in ("setup", "active", "postcopy-active"):
                 return q
             p = q.get("progress")
             if p:
@@ -199,6 +209,8 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
               "last N rounds for the final round instead of re-sending them live")
 @click.option("--hold-hot-k", "hold_hot_k", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--postcopy-after", "postcopy_after", type=click.IntRange(1), default=None,
+              help="hybrid: switch to post-copy after this many pre-copy rounds")
 @click.option("--soft-net/--no-soft-net", "soft_net", default=True, show_default=True,
               help="forward frames that reach the old host after the switch-over to the new "
               "one (off: the destination only announces the guest, as QEMU)")
@@ -208,7 +220,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
-                hold_hot_k: int, hold_hot_n: int, soft_net: bool, as_json: bool,
+                hold_hot_k: int, hold_hot_n: int, postcopy_after: int | None, soft_net: bool,
+                as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
@@ -220,9 +233,15 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
                     hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
-                    soft_net=soft_net, **auth)
+                    postcopy_after=postcopy_after, soft_net=soft_net, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
+    _finish(socket_path, as_json)
+
+
+def _finish(socket_path: str, as_json: bool) -> None:
+    """Watch the migration to its end; print the stats (table or JSON) and exit non-zero
+    unless it completed."""
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())
     stats = q.get("stats") or {"status": q.get("status")}
     if as_json:
@@ -236,7 +255,30 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
         sys.exit(2 if q.get("connected") is False else 1)  # unreachable --to: bad input
 
 
+@click.command("migrate-recover")
+@click.argument("socket_path", metavar="SOCKET")
+@click.option("--to", "target", default=None,
+              help="reconnect to this HOST:PORT (or unix:PATH) instead of the first address")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@security_options
+def migrate_recover_cmd(socket_path: str, target: str | None, as_json: bool,
+                        key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
+    """Resume a post-copy whose link broke (the machine behind control SOCKET is its source):
+    new connections, the destination says which pages it lacks, they are sent."""
+    fields: dict[str, Any] = {}
+    if target is not None:
+        check_target(target)
+        fields["to"] = target
+        if key_file or tls_dir or insecure:
+            fields |= security_request(key_file, tls_dir, insecure)
+    reply = request(socket_path, "migrate-recover", **fields)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "migrate-recover failed"))
+    _finish(socket_path, as_json)
+
+
 def add_commands(cli: click.Group) -> None:
-    """Add `listen` and `migrate` to the `livemig` command group."""
+    """Add `listen`, `migrate` and `migrate-recover` to the `livemig` command group."""
     cli.add_command(listen_cmd)
     cli.add_command(migrate_cmd)
+    cli.add_command(migrate_recover_cmd)

@@ -18,13 +18,13 @@ from livemig.migration import (
     MigrationStats,
     Mode,
     Progress,
-    migrate,
     parse_rate,
 )
 from livemig.migration.channels import Channel, Role
 from livemig.migration.hotpages import check_k_n
 from livemig.migration.resolve import ask
 from livemig.migration.security import Security
+from livemig.migration.source import Source
 from livemig.migration.transport import dial, parse_address
 from livemig.units import parse_size
 
@@ -45,6 +45,7 @@ class MigrationControl:
         self.connected = False  # this attempt reached its destination
         self.security = Security.insecure()
         self.redial: Callable[[Role], Channel] | None = None  # for migrate-resolve
+        self.source: Source | None = None  # the attempt in progress (post-copy controls)
         # Set when a client has read this attempt's final status; a new one for each attempt
         # (a failed attempt's must not let a later successful one exit before it is read).
         self.reported = threading.Event()
@@ -80,9 +81,10 @@ class MigrationControl:
                 return
             self.connected = True
             self.redial = lambda role: dial(addr, sec, role)
+            self.source = Source(self.host.machine, main, opts, self._on_progress, self.cancel,
+                                 sec, self.redial)
             try:
-                self.stats = migrate(self.host.machine, main, opts, self._on_progress,
-                                     self.cancel, sec, self.redial)
+                self.stats = self.source.run()
                 self.status = "completed"
             except MigrationError as e:
                 self.stats = e.stats
@@ -99,13 +101,51 @@ class MigrationControl:
 
     def _on_progress(self, p: Progress) -> None:
         self.progress = p
-        self.status = "active"
+        if p.phase == "postcopy-paused":
+            self.status, self.error = "postcopy-paused", p.note
+            self.stats = self.source.stats if self.source is not None else None
+        else:
+            self.status = "active"
+
+    def do_recover(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`migrate-recover`: reconnect a paused post-copy, to its destination or a new one."""
+        if self.status != "postcopy-paused" or self.source is None:
+            raise ControlError("no post-copy is paused waiting for recovery")
+        redial = None
+        target = req.get("to")
+        if isinstance(target, str):
+            try:
+                addr = parse_address(target)
+                given = any(req.get(k) for k in ("key_file", "tls_dir", "insecure"))
+                sec = security_from_request(req) if given else self.security
+            except MigrationError as e:
+                raise ControlError(str(e)) from e
+            redial = lambda role: dial(addr, sec, role)  # noqa: E731
+        try:
+            self.source.request_recovery(redial)
+        except MigrationError as e:
+            raise ControlError(str(e)) from e
+        self.status, self.error = "active", None
+        return {"status": "recovering"}
+
+    def do_start_postcopy(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """`migrate-start-postcopy`: a hybrid migration switches to post-copy now."""
+        if self.source is None or self.thread is None or not self.thread.is_alive():
+            raise ControlError("no migration in progress")
+        if not self.source.strategy.postcopy:
+            raise ControlError("the migration in progress is not --mode hybrid or postcopy")
+        self.source.start_postcopy.set()
+        return {"status": "switching to post-copy"}
 
     def query(self, _req: dict[str, Any]) -> dict[str, Any]:
-        if self.status not in ("setup", "active", "none"):
-            self.reported.set()
+        if self.status not in ("setup", "active", "none", "postcopy-paused"):
+            self.reported.set()  # a final status was read: the host may go
+        status = self.status
+        if status in ("setup", "active") and self.source is not None and (
+                self.source.state.value == "postcopy-active"):
+            status = self.source.state.value
         return {
-            "status": self.status,
+            "status": status,
             "progress": asdict(self.progress) if self.progress else None,
             "stats": self.stats.to_json() if self.stats else None,
             "error": self.error,
@@ -158,6 +198,10 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         opts.hold_hot = bool(req.get("hold_hot", False))
         opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
         opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))
+        if req.get("postcopy_after") is not None:
+            opts.postcopy_after = int(req["postcopy_after"])
+            if opts.postcopy_after < 1:
+                raise ValueError("postcopy_after must be >= 1")
         check_k_n(opts.hold_hot_k, opts.hold_hot_n)
         opts.soft_net = bool(req.get("soft_net", True))
     except (ValueError, TypeError) as e:
@@ -195,6 +239,8 @@ def register_migration_controls(host: MachineHost) -> None:
     host.control.register("query-migrate", mc.query)
     host.control.register("migrate-cancel", mc.do_cancel)
     host.control.register("migrate-resolve", mc.do_resolve)
+    host.control.register("migrate-recover", mc.do_recover)
+    host.control.register("migrate-start-postcopy", mc.do_start_postcopy)
 
 
 def outcome_line(q: dict[str, Any]) -> str:
@@ -208,6 +254,9 @@ def outcome_line(q: dict[str, Any]) -> str:
         return f"{error}; nothing was sent, the source machine runs on"
     if status in ("failed", "cancelled"):
         left = "the source machine is running again"
+    elif status == "postcopy-paused":
+        left = ("the guest runs at the destination and waits on pages it lacks; this source "
+                "keeps every page: run `livemig migrate-recover SOCKET [--to HOST:PORT]`")
     elif status in ("commit-unconfirmed", "commit-unknown"):
         left = ("both sides are paused: COMMIT was sent but not confirmed; see the error "
                 "and the destination's log before resuming either")

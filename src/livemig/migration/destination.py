@@ -6,6 +6,10 @@
     RECEIVING --STATE (loaded, memory verified, READY sent)--> READY
     READY --COMMIT (outcome recorded, machine started, RUNNING, REPORT)--> RUNNING
           (from a file: the stream ends there, and the caller starts the machine)
+    post-copy (STATE carried the pages owed): READY --COMMIT--> POSTCOPY (the guest runs,
+          pages are pulled and pushed) --every owed page here, COMPLETE--> RUNNING
+    POSTCOPY --a connection lost--> POSTCOPY_PAUSED (the guest waits on missing pages)
+          --a `recover` connection, MISSING sent--> POSTCOPY
     any state --ABORT--> ABORTED: the machine is closed
     any state --bad input, idle past the timeout--> FAILED: ERROR sent, the machine is closed
     READY --connection lost, no COMMIT within the switch-over limit, or a resolve question
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -35,7 +40,7 @@ from livemig.contract import (
 )
 from livemig.migration import handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
-from livemig.migration.channels import Channel, SocketChannel
+from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
 from livemig.migration.errors import (
     AuthError,
@@ -46,6 +51,8 @@ from livemig.migration.errors import (
     RemoteError,
 )
 from livemig.migration.netforward import NetReceiver
+from livemig.migration.pageserver import unpack_bitmap
+from livemig.migration.postcopy_dest import Links, PostcopyReceiver
 from livemig.migration.prefault import Prefaulter
 from livemig.migration.resolve import Outcomes
 from livemig.migration.security import Security
@@ -61,6 +68,8 @@ IDLE_TIMEOUT = 60.0  # seconds without a record before an incoming migration is 
 COMMIT_MARGIN = 2.0  # seconds READY waits for COMMIT beyond the source's switch-over limit
 DEFAULT_SWITCHOVER_S = 30.0
 MAX_STREAMS = 16
+JOIN_TIMEOUT = 10.0  # seconds an extra connection of a session may take to arrive
+RECOVERY_WAIT = 24 * 3600.0  # seconds a paused post-copy waits for the source to reconnect
 
 
 class DestState(enum.Enum):
@@ -70,6 +79,8 @@ class DestState(enum.Enum):
     AWAIT_CONFIG = "await-config"
     RECEIVING = "receiving"
     READY = "ready"
+    POSTCOPY = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
     RUNNING = "running"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -91,9 +102,14 @@ class Destination:
 
     def __init__(self, sess: Session, build: Callable[[MachineConfig], Machine],
                  outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT,
-                 join: Callable[[str], Channel] | None = None) -> None:
+                 join: Callable[[str, float], Channel] | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> None:
         self.sess = sess
-        self.join = join  # takes an extra connection of the session by label (page streams)
+        # Takes an extra connection of the session by label (page streams, urgent, recover)
+        # within the timeout given.
+        self.join = join
+        self.log = log
+        self.postcopy: PostcopyReceiver | None = None
         self.streams: DestStreams | None = None
         self.build = build
         self.outcomes = outcomes or Outcomes()
@@ -160,6 +176,9 @@ class Destination:
         """Give everything up; returns the error to raise (reworded when the copy was
         discarded after READY)."""
         self._release_views()
+        if self.postcopy is not None:
+            self.postcopy.close()
+            self.postcopy = None
         self.stats.error = str(e)
         if self.state is DestState.READY:
             asked = self.outcomes.get(self.sess.id) is False  # a resolve question came first
@@ -209,8 +228,12 @@ class Destination:
             self.switchover_s = limit / 1000
         self.stats.mode = str(d.get("mode", ""))
         self.sess.codecs.configure(d.get("codecs"))
+        postcopy = d.get("postcopy") is True
+        if postcopy and (self.join is None or hello.FEATURE_POSTCOPY not in self.sess.features):
+            raise ProtocolError("post-copy was not negotiated")
         self.machine = self.build(cfg)
-        self._start_prefault(d.get("populated"))
+        if not postcopy:  # post-copy pages are installed by userfaultfd, into holes
+            self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.placer = pages_mod.RamPlacer(self.ram)
         if hello.FEATURE_VERIFY in self.sess.features:
@@ -227,9 +250,12 @@ class Destination:
         self._send(RecordType.CONFIG_OK)
         if nstreams > 1:
             self._open_streams(nstreams)
+        if postcopy:
+            assert self.join is not None
+            self.sess.urgent = self.join(Role.URGENT.value, JOIN_TIMEOUT)
         if net:
             assert self.join is not None
-            self.net_chan = self.join("net")
+            self.net_chan = self.join(Role.NET.value, JOIN_TIMEOUT)
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
@@ -248,7 +274,7 @@ class Destination:
 
     def _open_streams(self, n: int) -> None:
         assert self.join is not None
-        self.sess.pages = [self.join(f"pages-{i}") for i in range(n)]
+        self.sess.pages = [self.join(f"pages-{i}", JOIN_TIMEOUT) for i in range(n)]
         for c in self.sess.pages:
             c.set_limit(MAX_PAYLOAD)
         self.streams = DestStreams(self.sess.pages, self._decode, self._place)
@@ -301,12 +327,21 @@ class Destination:
             raise ProtocolError("STATE record: probe is not a map")
         state = MachineState.decode(d["state"])
         self.source_probe = probe
+        owed = None
+        if "owed" in d:
+            if self.sess.urgent is None:
+                raise ProtocolError("STATE record names pages owed, but this is no post-copy")
+            owed = unpack_bitmap(d["owed"], len(self.ram), "STATE record")
         if self.verify is not None:
-            problem = self.verify.check(self.ram, scan.populated(self.machine.memory))
+            problem = self.verify.check(self.ram, scan.populated(self.machine.memory), owed)
             if problem:
                 raise MigrationError(problem + "; refusing to COMMIT")
-            self.stats.verified_memory = True
+            self.stats.verified_memory = owed is None  # post-copy: once every page is here
         self.machine.load_state(state)
+        if owed is not None:
+            self.ram = None  # never read from here on: a missing page would block this thread
+            self.postcopy = PostcopyReceiver(self.machine.memory, owed, self.verify, self._t0)
+            self.postcopy.prepare()
         self._send(RecordType.READY)
         self.ready_at = time.monotonic()
         self.state = DestState.READY
@@ -319,6 +354,9 @@ class Destination:
         self.state = DestState.RUNNING
         if self.sess.back is None:
             return  # a file's COMMIT ends the stream: whoever restores starts the machine
+        if self.postcopy is not None:
+            self._run_postcopy()
+            return
         started = time.time()
         self.machine.start()
         self._network_moved()
@@ -326,10 +364,7 @@ class Destination:
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         try:
             self._send(RecordType.RUNNING)
-            if hello.FEATURE_REPORT in self.sess.features:
-                beating = bool(self.source_probe.get("last_heartbeat"))
-                first = self._first_heartbeat(started) if beating else None
-                self._send(RecordType.REPORT, records.pack({"first_heartbeat": first}))
+            self._report(started)
         except MigrationError:
             pass  # the machine runs here; the source learns it by resolving
 
@@ -342,6 +377,65 @@ class Destination:
         if self.net_chan is not None:
             NetReceiver(self.net_chan, ports).start()  # owns the channel from now on
             self.net_chan = None
+
+    def _report(self, started: float) -> None:
+        if hello.FEATURE_REPORT in self.sess.features:
+            beating = bool(self.source_probe.get("last_heartbeat"))
+            first = self._first_heartbeat(started) if beating else None
+            self._send(RecordType.REPORT, records.pack({"first_heartbeat": first}))
+
+    def _run_postcopy(self) -> None:
+        """The guest runs while its pages come; returns once every owed page is here."""
+        pc = self.postcopy
+        assert pc is not None and self.machine is not None and self.sess.back is not None
+        assert self.sess.urgent is not None
+        self.state = DestState.POSTCOPY
+        self.stats.status = "postcopy-active"
+        pc.start(Links(self.sess.main, self.sess.urgent, self.sess.back))
+        started = time.time()
+        self.machine.start()
+        self._network_moved()
+        self._send(RecordType.RUNNING)
+        report = threading.Thread(target=self._report_quietly, args=(started,),
+                                  name="postcopy-report", daemon=True)
+        report.start()  # the first heartbeat may take as long as the pages it needs
+        while (lost := pc.wait()) is not None:
+            if not isinstance(lost, ConnectionLost):
+                raise lost
+            self._await_recovery(pc, lost)
+        pc.finish()
+        report.join(FIRST_HEARTBEAT_WAIT)  # the channels close when this returns
+        self.stats.faults = pc.stats
+        self.stats.bytes_sent += pc.bytes_received
+        self.stats.verified_memory = True if self.verify is not None else None
+        self.stats.total_ms = (time.monotonic() - self._t0) * 1000
+        self.stats.status = "completed"
+        self.state = DestState.RUNNING
+
+    def _report_quietly(self, started: float) -> None:
+        try:
+            self._report(started)
+        except MigrationError:
+            pass
+
+    def _await_recovery(self, pc: PostcopyReceiver, lost: MigrationError) -> None:
+        """Keep everything and wait for the source's `recover` connection."""
+        assert self.join is not None
+        self.state = DestState.POSTCOPY_PAUSED
+        self.stats.status = "postcopy-paused"
+        self.log(f"post-copy paused: lost the source ({lost}); {pc.missing()} page(s) still "
+                 "missing, and the guest waits on any it touches (it never runs on a hole); "
+                 "waiting for `livemig migrate-recover` at the source")
+        for c in self.sess.channels():
+            c.close()
+        main = self.join(Role.RECOVER.value, RECOVERY_WAIT)
+        back = main if main.duplex else self.join(Role.RETURN.value, JOIN_TIMEOUT)
+        urgent = self.join(Role.URGENT.value, JOIN_TIMEOUT)
+        self.sess.main, self.sess.back, self.sess.urgent = main, back, urgent
+        pc.reconnect(Links(main, urgent, back))
+        self.state = DestState.POSTCOPY
+        self.stats.status = "postcopy-active"
+        self.log("post-copy recovered: the source reconnected")
 
     def _first_heartbeat(self, since: float) -> float | None:
         assert self.machine is not None
@@ -383,6 +477,7 @@ def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Mach
     sec = security or Security.insecure()
     mine = hello.Hello(encodings=list(SUPPORTED))
     mine.features.remove(hello.FEATURE_STREAMS)  # no listener to take extra connections
+    mine.features.remove(hello.FEATURE_POSTCOPY)
     mine.features.remove(hello.FEATURE_NET)
     try:
         _offer, chosen = handshake.server(chan, mine, sec, time.monotonic() + hello_timeout)

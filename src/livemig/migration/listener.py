@@ -24,7 +24,7 @@ from livemig.migration import handshake, hello, resolve
 from livemig.migration.channels import Channel, Role, SocketChannel, TlsChannel
 from livemig.migration.channels.base import close_socket
 from livemig.migration.codecs import SUPPORTED, CodecSet
-from livemig.migration.destination import Destination, refuse
+from livemig.migration.destination import JOIN_TIMEOUT, Destination, refuse
 from livemig.migration.errors import MigrationError, ProtocolError
 from livemig.migration.security import Security
 from livemig.migration.session import Session
@@ -34,15 +34,17 @@ from livemig.migration.wire import MAX_PAYLOAD
 HELLO_TIMEOUT = 10.0
 HELLO_LIMIT = 64 << 10
 MAX_PENDING = 16
-JOIN_TIMEOUT = 10.0
 MAX_STREAMS = 16
+# Connections that join a migration in progress (besides the page streams `pages-N`).
+JOINS = (Role.RETURN.value, Role.URGENT.value, Role.RECOVER.value, Role.NET.value)
 REGISTER_WAIT = 2.0  # seconds an extra connection waits for its migration to be registered
 
 
 @dataclass
 class _Active:
     """An incoming migration in progress: its main channel, and the extra connections
-    (RETURN, `pages-N`) that joined it, by label, until the Destination takes them."""
+    (RETURN, `pages-N`, URGENT, RECOVER) that joined it, by label, until the Destination
+    takes them."""
 
     main: Channel
     joins: dict[str, queue.Queue[Channel]] = field(default_factory=dict)
@@ -180,7 +182,7 @@ class Listener:
         assert chosen.session is not None
         if offer.role == Role.MAIN.value:
             self._receive(chan, chosen, peer)
-        elif offer.role in (Role.RETURN.value, Role.NET.value) or _is_stream(offer.role):
+        elif offer.role in JOINS or _is_stream(offer.role):
             # A source dials its RETURN connection as soon as it has the main WELCOME, which
             # may be before the main connection's thread has registered the migration.
             with self._registered:
@@ -226,8 +228,7 @@ class Listener:
             back = chan if chan.duplex else active.take(Role.RETURN.value, JOIN_TIMEOUT)
             sess = Session(chosen.session, chosen.min_version, chosen.features,
                            CodecSet(chosen.encodings), chan, back, self.security.describe())
-            dest = Destination(sess, self.build, self.outcomes,
-                               join=lambda label: active.take(label, JOIN_TIMEOUT))
+            dest = Destination(sess, self.build, self.outcomes, join=active.take, log=self.log)
             try:
                 machine, stats = dest.run()
             except MigrationError as e:

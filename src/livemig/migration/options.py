@@ -13,6 +13,13 @@ class Mode(enum.Enum):
 
     STOP_COPY = "stop-copy"
     PRECOPY = "precopy"
+    POSTCOPY = "postcopy"  # pause, move CPU state, run there; memory follows (pushed, pulled)
+    HYBRID = "hybrid"  # pre-copy rounds, then post-copy for what is left
+
+    @property
+    def postcopy(self) -> bool:
+        """Whether the guest runs at the destination before all its memory is there."""
+        return self in (Mode.POSTCOPY, Mode.HYBRID)
 
 
 @dataclass
@@ -43,6 +50,9 @@ class MigrationOptions:
     hold_hot: bool = False
     hold_hot_k: int = 2
     hold_hot_n: int = 3
+    # Hybrid: switch to post-copy after this many pre-copy rounds (None: when pre-copy would
+    # stop, whatever the reason, or on `migrate-start-postcopy`).
+    postcopy_after: int | None = None
     # Soft network handover (migration/netforward.py): frames reaching the old place after
     # the switch-over are forwarded to the new one; off: announce only, as QEMU.
     soft_net: bool = True

@@ -145,6 +145,7 @@ class DecodedBatch:
     lens: np.ndarray
     ids: np.ndarray
     data: memoryview
+    present: list[int] = field(default_factory=list)  # codec ids used, ascending
 
     def count(self, codec_id: int) -> int:
         return int(np.count_nonzero(self.ids == codec_id))
@@ -167,11 +168,13 @@ def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
     ids = np.frombuffer(payload, np.uint8, n, o + 12 * n)
     if int(idx.max()) >= npages:
         raise ProtocolError(f"PAGES record names page {int(idx.max())}, RAM has {npages}")
-    bad = set(np.unique(ids).tolist()) - set(codecs.by_id)
+    # bincount, not unique: this runs for every batch, and for one page on a fault's path.
+    present = np.flatnonzero(np.bincount(ids, minlength=256)).tolist()
+    bad = set(present) - set(codecs.by_id)
     if bad:
         raise ProtocolError(f"PAGES record uses encoding(s) {sorted(bad)} never negotiated")
-    for cid, codec in codecs.by_id.items():
-        problem = codec.check(lens[ids == cid])
+    for cid in present:
+        problem = codecs.by_id[cid].check(lens if len(present) == 1 else lens[ids == cid])
         if problem:
             raise ProtocolError(
                 f"PAGES record has a page whose length does not fit its encoding ({problem})")
@@ -179,18 +182,21 @@ def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
         raise ProtocolError(
             f"PAGES record data is {len(payload) - m} bytes, its table says {int(lens.sum())}"
         )
-    return DecodedBatch(idx, lens, ids, payload[m:])
+    return DecodedBatch(idx, lens, ids, payload[m:], present)
 
 
 def apply(batch: DecodedBatch, codecs: CodecSet, placer: PagePlacer) -> None:
     """Hand each codec its pages of a checked batch, to place through `placer`."""
     off = 0
-    for cid in sorted(set(np.unique(batch.ids).tolist())):
-        sel = batch.ids == cid
-        size = int(batch.lens[sel].sum(dtype=np.uint64))
-        codec = codecs.by_id[cid]
-        codec.place(batch.idx[sel], batch.lens[sel], batch.data[off : off + size],
-                    placer, codecs.state[cid])
+    for cid in batch.present:
+        if len(batch.present) == 1:
+            idx, lens, size = batch.idx, batch.lens, len(batch.data)
+        else:
+            sel = batch.ids == cid
+            idx, lens = batch.idx[sel], batch.lens[sel]
+            size = int(lens.sum(dtype=np.uint64))
+        codecs.by_id[cid].place(idx, lens, batch.data[off : off + size], placer,
+                                codecs.state[cid])
         off += size
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from livemig.migration.channels import Channel
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError, RemoteError
@@ -17,8 +18,9 @@ class ReturnPath:
     """Reads destination records in the background.
 
     ERROR records and read failures are kept in `failure` so the sending side can check
-    between batches; ROUND_ACKs are dropped (they only pace nothing yet); every other record
-    is queued for `expect`. With no channel (a one-way file session) nothing ever comes and
+    between batches; ROUND_ACKs are dropped (they only pace nothing yet); a record with a
+    handler (post-copy's page requests) goes to it, on this thread; every other record is
+    queued for `expect`. With no channel (a one-way file session) nothing ever comes and
     `expect` is not to be called.
     """
 
@@ -26,6 +28,8 @@ class ReturnPath:
         self.chan = chan
         chan.set_limit(RETURN_LIMIT)
         self._queue: queue.Queue[Record] = queue.Queue()
+        self._early: list[Record] = []  # taken off the queue by an `expect` for another type
+        self.handlers: dict[RecordType, Callable[[Record], None]] = {}
         self.failure: MigrationError | None = None
         self._thread = threading.Thread(target=self._run, name="migrate-return", daemon=True)
 
@@ -49,7 +53,15 @@ class ReturnPath:
                 self.failure = RemoteError(f"destination: {rec.text()}")
                 self._queue.put(rec)
                 return
-            if rec.type is not RecordType.ROUND_ACK:
+            handler = self.handlers.get(rec.type)
+            if handler is not None:
+                try:
+                    handler(rec)
+                except MigrationError as e:
+                    self.failure = self.failure or e
+                    self._queue.put(Record(RecordType.ERROR, memoryview(b"")))
+                    return
+            elif rec.type is not RecordType.ROUND_ACK:
                 self._queue.put(Record(rec.type, memoryview(bytes(rec.payload))))
 
     def settle(self, timeout: float = 1.0) -> None:
@@ -62,14 +74,23 @@ class ReturnPath:
         if self.failure is not None:
             raise self.failure
 
-    def expect(self, rtype: RecordType, deadline: float) -> Record:
-        """Wait until `deadline` (time.monotonic) for the next record, which must be `rtype`."""
-        try:
-            rec = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise ConnectionLost(f"destination did not answer {rtype.name} in time") from None
-        if rec.type is RecordType.ERROR:
-            self.check()
-        if rec.type is not rtype:
-            raise ProtocolError(f"destination sent {rec.type.name} where {rtype.name} was due")
-        return rec
+    def expect(self, rtype: RecordType, deadline: float,
+               later: tuple[RecordType, ...] = ()) -> Record:
+        """Wait until `deadline` (time.monotonic) for the next record, which must be `rtype`;
+        records of the types in `later` may come first and wait for their own `expect`."""
+        for i, rec in enumerate(self._early):
+            if rec.type is rtype:
+                return self._early.pop(i)
+        while True:
+            try:
+                rec = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise ConnectionLost(f"destination did not answer {rtype.name} in time") from None
+            if rec.type is RecordType.ERROR:
+                self.check()
+            if rec.type is rtype:
+                return rec
+            if rec.type not in later:
+                raise ProtocolError(
+                    f"destination sent {rec.type.name} where {rtype.name} was due")
+            self._early.append(rec)

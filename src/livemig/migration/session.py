@@ -36,10 +36,11 @@ class Session:
     security: str = "none"
     stats: MigrationStats = field(default_factory=MigrationStats)
     pages: list[Channel] = field(default_factory=list)  # page streams (`--streams N`)
+    urgent: Channel | None = None  # post-copy: pages that faults asked for
 
     def channels(self) -> list[Channel]:
         out: list[Channel] = []
-        for c in (self.main, self.back, *self.pages):
+        for c in (self.main, self.back, self.urgent, *self.pages):
             if c is not None and all(c is not o for o in out):
                 out.append(c)
         return out

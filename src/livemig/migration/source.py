@@ -4,6 +4,8 @@
     CONFIGURED --strategy.live_copy--> ITERATING --pause--> SWITCHOVER
     SWITCHOVER --last pages, VERIFY, STATE; READY--> READY --COMMIT--> COMMITTED
     COMMITTED --RUNNING--> COMPLETED (strategy.after_commit runs here)
+    post-copy: COMMITTED --RUNNING--> POSTCOPY (page server) --COMPLETE--> COMPLETED
+        POSTCOPY --link lost--> POSTCOPY_PAUSED --migrate-recover--> POSTCOPY
     before COMMITTED: failure --> FAILED, cancel --> CANCELLED (ABORT sent, source resumed)
     SWITCHOVER longer than the switch-over limit --> FAILED (aborted, source resumed)
     COMMITTED --no RUNNING--> resolve: ask the destination on a new connection;
@@ -17,6 +19,7 @@ authenticated connection, that it never received COMMIT and has discarded its co
 from __future__ import annotations
 
 import enum
+import queue
 import socket
 import threading
 import time
@@ -40,12 +43,13 @@ from livemig.migration.gap import guest_gap_ms
 from livemig.migration.netforward import NetSender
 from livemig.migration.options import MigrationOptions
 from livemig.migration.pages import MAX_BATCH, BatchEncoder, EncodedBatch
+from livemig.migration.pageserver import pack_bitmap, unpack_bitmap
 from livemig.migration.ratelimit import RateLimiter
 from livemig.migration.returnpath import ReturnPath
 from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats, Progress, RoundStats
 from livemig.migration.streams import SourceStreams
-from livemig.migration.wire import RecordType
+from livemig.migration.wire import Record, RecordType
 
 SCAN_CHUNK = 32768  # pages scanned for zeroes at a time in the first round (128 MiB)
 PROGRESS_EVERY = 0.05  # seconds between progress callbacks
@@ -67,6 +71,8 @@ class SourceState(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     COMMIT_UNCONFIRMED = "commit-unconfirmed"
+    POSTCOPY = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
 
 
 class Source:
@@ -79,6 +85,9 @@ class Source:
                  redial: session.Redial | None = None, to_file: bool = False) -> None:
         self.m = machine
         self.main = main
+        self._caller_main = main  # closed by the caller; recovery may replace `main`
+        self.start_postcopy = threading.Event()  # hybrid: switch now (migrate-start-postcopy)
+        self._recover: queue.Queue[session.Redial | None] = queue.Queue()
         self.opts = opts
         self.progress = progress
         self.cancel = cancel or threading.Event()
@@ -131,6 +140,8 @@ class Source:
             self.strategy.after_commit(self)
             self._phase("after-commit")
             self._finish_net()
+            self.state = SourceState.COMPLETED
+            self.stats.status = "completed"
             self._finish_report()
         except MigrationError as e:
             self._fail(e)
@@ -153,7 +164,7 @@ class Source:
         """The connections this migration opened besides `main` (which is the caller's)."""
         if self.session is not None:
             for c in self.session.channels():
-                if c is not self.main:
+                if c is not self._caller_main:
                     c.close()
 
     def _phase(self, name: str) -> None:
@@ -171,6 +182,10 @@ class Source:
     def _ms(self) -> float:
         return (time.monotonic() - self._t0) * 1000
 
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the migration started."""
+        return self._ms()
+
     def _record_channels(self) -> None:
         if self.session is not None:
             self.session.record_channels()
@@ -182,7 +197,8 @@ class Source:
         self.stats.total_ms = self._ms()
         self.stats.error = str(e)
         self.stats.event("failed")
-        if self.state in (SourceState.COMMITTED, SourceState.COMPLETED):
+        if self.state in (SourceState.COMMITTED, SourceState.COMPLETED, SourceState.POSTCOPY,
+                          SourceState.POSTCOPY_PAUSED):
             self.state = SourceState.COMMIT_UNCONFIRMED
             self.stats.status = "commit-unconfirmed"
             return
@@ -212,6 +228,8 @@ class Source:
     def _negotiate(self) -> None:
         proposal = session.offer(self.opts)
         deadline = time.monotonic() + HELLO_TIMEOUT
+        if self.to_file and self.strategy.postcopy:
+            raise MigrationError("a snapshot cannot be taken with post-copy")
         if self.to_file:
             self.session = session.open_file_writer(self.main, proposal, self.opts)
         else:
@@ -222,6 +240,11 @@ class Source:
             if (self.opts.verify_memory
                     and hello_mod.FEATURE_VERIFY not in self.session.features):
                 raise MigrationError("destination does not support --verify-memory")
+            if self.strategy.postcopy and (
+                    hello_mod.FEATURE_POSTCOPY not in self.session.features
+                    or self.redial is None):
+                raise MigrationError("destination does not accept --mode "
+                                     f"{self.opts.mode.value} (post-copy)")
         self.encoder = BatchEncoder(self.ram, self.session.codecs,
                                     buffers=1 if self._nstreams() == 1 else 3 * self._nstreams())
         self.stats.session = self.session.id.hex()
@@ -232,6 +255,7 @@ class Source:
         # "populated": where RAM holds data, a hint for the destination's prefaulting.
         cfg = {"machine": self.m.config.to_dict(), "page_size": PAGE_SIZE,
                "mode": self.opts.mode.value, "streams": self._nstreams(),
+               "postcopy": self.strategy.postcopy,
                "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
                "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
@@ -242,12 +266,21 @@ class Source:
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()
+        if self.strategy.postcopy:
+            self._join_urgent(time.monotonic() + HELLO_TIMEOUT)
         if soft_net:
             assert self.session is not None and self.redial is not None
             self.net_chan = session.join(self.session, session.offer(self.opts), self.redial,
                                          Role.NET, Role.NET.value, self.security,
                                          time.monotonic() + HELLO_TIMEOUT)
         self.state = SourceState.CONFIGURED
+
+    def _join_urgent(self, deadline: float) -> None:
+        """Post-copy: the connection that carries the pages faults ask for."""
+        assert self.session is not None and self.redial is not None
+        self.session.urgent = session.join(self.session, session.offer(self.opts), self.redial,
+                                           Role.URGENT, Role.URGENT.value, self.security,
+                                           deadline)
 
     def _soft_net(self) -> bool:
         """Forward frames after COMMIT: asked for, possible here and accepted there."""
@@ -399,6 +432,10 @@ class Source:
         self.check()
         st = self.m.save_state()
         payload = {"state": st.encode(), "probe": self.m.probe.state()}
+        owed = self.strategy.owed_pages(self)
+        if owed is not None:
+            payload["owed"] = pack_bitmap(owed)
+            self.stats.event("postcopy")
         self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
         try:
@@ -421,6 +458,10 @@ class Source:
         self.step("until-running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1000
         self.stats.total_ms = self._ms()
+        if owed is not None:
+            self.state = SourceState.POSTCOPY
+            self.stats.status = "postcopy-active"
+            return  # verified (or not) once the last page has arrived
         self.state = SourceState.COMPLETED
         self.stats.status = "completed"
         if self.opts.verify_memory:
@@ -446,6 +487,72 @@ class Source:
             raise MigrationError("COMMIT never reached the destination, which discarded its "
                                  "copy", self.stats) from lost
         self.running_lost = True  # and the REPORT that follows RUNNING with it
+
+    # -- post-copy: a broken link, and recovery ---------------------------------------------
+
+    def urgent_channel(self) -> Channel:
+        assert self.session is not None and self.session.urgent is not None
+        return self.session.urgent
+
+    def request_recovery(self, redial: session.Redial | None = None) -> None:
+        """`migrate-recover`: reconnect a paused post-copy (to a new address with `redial`)."""
+        if self.state is not SourceState.POSTCOPY_PAUSED:
+            raise MigrationError("no post-copy is paused waiting for recovery")
+        self._recover.put(redial)
+
+    def recover_postcopy(self, lost: MigrationError,
+                         handlers: dict[RecordType, Callable[[Record], None]]) -> np.ndarray:
+        """The link broke after COMMIT: keep every page, wait for `request_recovery`, open new
+        connections and return the pages the destination says it still lacks."""
+        self.state = SourceState.POSTCOPY_PAUSED
+        self.stats.status = "postcopy-paused"
+        self.stats.error = (f"post-copy paused: {lost}; every page is kept here, run "
+                            "`livemig migrate-recover` to go on")
+        self.stats.event("postcopy-paused")
+        self._notify_paused()
+        while True:
+            redial = self._recover.get()
+            if redial is not None:
+                self.redial = redial
+            try:
+                missing = self._reconnect(handlers)
+                break
+            except MigrationError as e:
+                self.stats.error = f"post-copy paused: recovery failed: {e}"
+                self._notify_paused()
+        self.state = SourceState.POSTCOPY
+        self.stats.status = "postcopy-active"
+        self.stats.error = None
+        self.stats.faults.recoveries += 1
+        self.stats.event("postcopy-recovered")
+        return missing
+
+    def _notify_paused(self) -> None:
+        if self.progress is not None:
+            self.progress(Progress("postcopy-paused", len(self.stats.rounds),
+                                   self.stats.bytes_sent, 0, 0, 0.0, 0.0,
+                                   note=self.stats.error or ""))
+
+    def _reconnect(self, handlers: dict[RecordType, Callable[[Record], None]]) -> np.ndarray:
+        assert self.session is not None and self.redial is not None
+        for c in self.session.channels():
+            if c is not self._caller_main:
+                c.close()
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        offer = session.offer(self.opts)
+        sess = self.session
+        main = session.join(sess, offer, self.redial, Role.RECOVER, Role.RECOVER.value,
+                            self.security, deadline)
+        back = main if main.duplex else session.join(sess, offer, self.redial, Role.RETURN,
+                                                     Role.RETURN.value, self.security, deadline)
+        sess.main, sess.back, sess.pages = main, back, []
+        self.main = main
+        self._join_urgent(deadline)
+        self.ret = ReturnPath(back)
+        self.ret.handlers.update(handlers)
+        self.ret.start()
+        rec = self.ret.expect(RecordType.MISSING, deadline)
+        return unpack_bitmap(bytes(rec.payload), len(self.ram), "MISSING record")
 
     def _resolve(self) -> bool | None:
         """Ask the destination, on a new connection, whether COMMIT arrived (None: no answer)."""

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 SCHEMA_VERSION = 2
 
 
@@ -35,21 +37,54 @@ class RoundStats:
         return self.bytes_sent / (self.duration_ms / 1000) if self.duration_ms > 0 else 0.0
 
 
+HISTOGRAM_US = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)  # fault latency buckets
+
+
 @dataclass
 class FaultStats:
-    """Pages the destination had to ask for while running (post-copy), and how long each
-    request took; zero for strategies that move every page before the switch."""
+    """Post-copy: pages the destination asked for while running, how long each took (fault
+    read to page installed), how long vCPUs were blocked in all, and what was pushed in
+    order versus pulled by a fault; all zero for strategies that move every page first."""
 
     count: int = 0
     latency_ms: list[float] = field(default_factory=list)
+    blocked_ms: float = 0.0  # summed over faults: vCPU time spent waiting (QEMU's blocktime)
+    pushed: int = 0  # pages the source pushed after COMMIT
+    pulled: int = 0  # pages it sent because a fault asked
+    zero_filled: int = 0  # faults on pages the source never had: filled with zeroes there
+    last_page_ms: float = 0.0  # since the start of the migration, when the last page landed
+    recoveries: int = 0
+    pulled_ahead: int = 0  # source: pages a fault asked for while still queued for a push
+    queue_at_pull: int = 0  # source: most pages queued for pushing when a request came
+
+    def percentile(self, p: float) -> float | None:
+        lat = sorted(self.latency_ms)
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
+
+    def histogram(self) -> dict[str, int]:
+        """Faults per latency bucket: `<=50us`, ..., `>50000us`."""
+        lat_us = np.asarray(self.latency_ms, dtype=float) * 1000
+        edges = [0.0, *HISTOGRAM_US, float("inf")]
+        counts, _ = np.histogram(lat_us, bins=edges)
+        names = [f"<={b}us" for b in HISTOGRAM_US] + [f">{HISTOGRAM_US[-1]}us"]
+        return dict(zip(names, (int(c) for c in counts), strict=True))
 
     def to_json(self) -> dict[str, Any]:
-        lat = sorted(self.latency_ms)
+        return {"count": self.count,
+                "latency_ms": {"p50": self.percentile(0.5), "p90": self.percentile(0.9),
+                               "p99": self.percentile(0.99), "max": self.percentile(1.0)},
+                "histogram": self.histogram(), "blocked_ms": round(self.blocked_ms, 3),
+                "pushed": self.pushed, "pulled": self.pulled, "zero_filled": self.zero_filled,
+                "last_page_ms": round(self.last_page_ms, 3), "recoveries": self.recoveries,
+                "pulled_ahead": self.pulled_ahead, "queue_at_pull": self.queue_at_pull}
 
-        def pct(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
-        return {"count": self.count, "latency_ms": {"p50": pct(0.5), "p99": pct(0.99),
-                                                    "max": pct(1.0)}}
+    @classmethod
+    def from_json(cls, d: dict[str, Any], latency_ms: list[float]) -> FaultStats:
+        """What a destination's COMPLETE carried (its own figures and every latency)."""
+        return cls(int(d.get("count", 0)), [float(x) for x in latency_ms],
+                   float(d.get("blocked_ms", 0.0)), int(d.get("pushed", 0)),
+                   int(d.get("pulled", 0)), int(d.get("zero_filled", 0)),
+                   float(d.get("last_page_ms", 0.0)), int(d.get("recoveries", 0)))
 
 
 @dataclass
@@ -144,3 +179,4 @@ class Progress:
     round_pages_total: int
     bandwidth: float  # bytes/s, recent
     throttle: float
+    note: str = ""  # why, for a phase that needs one (postcopy-paused)

@@ -78,15 +78,39 @@ class VerifyTable:
         self.digests[first : first + n] = arr
         self.covered[first : first + n] = True
 
-    def check(self, ram_pages: np.ndarray, candidates: np.ndarray | None = None) -> str | None:
-        """None when every page matches, else a message naming the damage."""
+    def check(self, ram_pages: np.ndarray, candidates: np.ndarray | None = None,
+              exclude: np.ndarray | None = None) -> str | None:
+        """None when every page matches, else a message naming the damage. Pages in
+        `exclude` (bool per page) are neither read nor compared (post-copy checks them as
+        they arrive, `check_rows`)."""
         if self.key is None or not self.covered.all():
             return "memory verification incomplete: digests missing for some pages"
+        if exclude is not None:
+            base = np.ones(len(ram_pages), dtype=bool) if candidates is None else candidates
+            candidates = base & ~exclude
         got = page_digests(ram_pages, self.key, candidates)
-        bad = np.flatnonzero(np.any(got != self.digests, axis=1))
-        if len(bad) == 0:
-            return None
-        return (
-            f"memory verification failed: {len(bad)} page(s) differ from the source "
-            f"(first at page {int(bad[0])}, guest address {int(bad[0]) * PAGE_SIZE:#x})"
-        )
+        differ = np.any(got != self.digests, axis=1)
+        if exclude is not None:
+            differ &= ~exclude
+        return _damage(np.flatnonzero(differ))
+
+    def check_rows(self, idx: np.ndarray, rows: np.ndarray | None) -> str | None:
+        """Pages `idx` about to be installed with contents `rows` ((n, PAGE_SIZE); None: all
+        zero): None when each matches its digest, else what is wrong."""
+        if self.key is None or not self.covered.all():
+            return "memory verification incomplete: digests missing for some pages"
+        zero = blake3.blake3(bytes(PAGE_SIZE), key=self.key).digest(DIGEST_SIZE)
+        bad = []
+        for i, page in enumerate(idx.tolist()):
+            d = zero if rows is None else blake3.blake3(
+                rows[i].data, key=self.key).digest(DIGEST_SIZE)
+            if d != self.digests[page].tobytes():
+                bad.append(page)
+        return _damage(np.asarray(bad, dtype=np.int64))
+
+
+def _damage(bad: np.ndarray) -> str | None:
+    if len(bad) == 0:
+        return None
+    return (f"memory verification failed: {len(bad)} page(s) differ from the source "
+            f"(first at page {int(bad[0])}, guest address {int(bad[0]) * PAGE_SIZE:#x})")

@@ -56,6 +56,9 @@ class RecordType(enum.IntEnum):
     ERROR = 15  # destination -> source: refused or failed (utf-8 reason)
     AUTH = 16  # either way, in the hello: HMAC proof of the pre-shared key
     OUTCOME = 17  # destination -> source, on a resolve connection: was COMMIT received
+    PAGE_REQUEST = 18  # destination -> source, post-copy: pages a fault waits for (u64 each)
+    COMPLETE = 19  # destination -> source, post-copy: every page is here (msgpack figures)
+    MISSING = 20  # destination -> source, post-copy recovery: pages still lacking (bitmap)
     NET_FRAMES = 40  # source -> destination, on the net connection: forwarded frames
     NET_END = 41  # source -> destination, on the net connection: forwarding is over
 

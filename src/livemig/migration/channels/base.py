@@ -35,6 +35,8 @@ class Role(enum.Enum):
     RETURN = "return"  # destination -> source, when MAIN cannot be read and written at once
     RESOLVE = "resolve"  # a later connection asking whether COMMIT arrived
     PAGES = "pages"  # source -> destination: page batches of one stream (`pages-N`)
+    URGENT = "urgent"  # source -> destination, post-copy: the pages faults asked for
+    RECOVER = "recover"  # source -> destination: replaces MAIN of a broken post-copy
     NET = "net"  # source -> destination after COMMIT: frames forwarded (soft handover)
 
 

@@ -23,6 +23,7 @@ class Strategy(ABC):
     """One way of moving a machine; `name` is its `--mode`."""
 
     name: str
+    postcopy = False  # runs the guest at the destination before all pages are there
 
     def live_copy(self, src: Source) -> None:  # noqa: B027 - stop-and-copy has none
         """Copy while the guest runs; may return early for the switch-over."""
@@ -31,6 +32,11 @@ class Strategy(ABC):
     def final_pages(self, src: Source) -> np.ndarray | None:
         """Called with the guest paused: the pages of the last round (None: every page
         that holds data)."""
+
+    def owed_pages(self, src: Source) -> np.ndarray | None:
+        """Post-copy: the pages (bool per page) the destination must fetch after COMMIT; they
+        go in STATE. None for strategies that send every page before it."""
+        return None
 
     def after_commit(self, src: Source) -> None:  # noqa: B027 - most strategies: none
         """Called once the destination confirmed RUNNING."""

@@ -58,8 +58,9 @@ class PreCopy(Strategy):
             bw = src.live_bytes / src.live_time if src.live_time else 0.0
             d = conv.after_round(self.rounds, sum(rs.pages.values()), owed, bw, held)
             src.set_throttle(d.throttle)
-            if d.stop:
-                src.stats.stop_reason = d.reason
+            switch = self.switch_now(src)
+            if d.stop or switch:
+                src.stats.stop_reason = switch or d.reason
                 return
             if self.hold is not None and held and not live.any():
                 # Everything owed is held and auto-converge goes on (without it the policy
@@ -67,6 +68,10 @@ class PreCopy(Strategy):
                 live = self.hold.release()
                 conv.held = held = 0
             idx = np.flatnonzero(live)
+
+    def switch_now(self, src: Source) -> str | None:
+        """Why live copy must end now whatever convergence says (hybrid's switch), or None."""
+        return None
 
     def final_pages(self, src: Source) -> np.ndarray | None:
         assert self.dirty_mask is not None
