@@ -248,6 +248,16 @@ class NetPort(Protocol):
         ...
 
 
+def hold_device_ram(machine: Machine, hold: bool) -> None:
+    """While held, no device of the machine reads or writes guest RAM from a host thread
+    (they wait): under post-copy a missing page would block such a thread while it holds the
+    GIL that the fault handler needs. Optional in the contract (a backend whose devices never
+    touch RAM from host threads lacks it)."""
+    fn = getattr(machine, "hold_device_ram", None)
+    if fn is not None:
+        fn(hold)
+
+
 def net_ports(machine: Machine) -> list[NetPort]:
     """The machine's network ports; none for a backend without NICs (`net_ports` is
     optional in the contract)."""

@@ -153,6 +153,11 @@ class KvmMachine:
         self.device_errors.append(why)
         print(f"livemig: {why}", file=sys.stderr, flush=True)
 
+    def hold_device_ram(self, hold: bool) -> None:
+        """contract.hold_device_ram: the NICs keep their frames until released."""
+        for nic in self.nics:
+            nic.hold_ram(hold)
+
     def net_ports(self) -> list[VirtioNet]:
         """The NICs' host sides (contract.NetPort), for a network handover."""
         return list(self.nics)

@@ -107,6 +107,7 @@ class VirtioNet(PciDevice):
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._paused = True
+        self._held = False  # contract.hold_device_ram: no access to guest RAM at all
         self._closing = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._rx_loop, name=f"{name}-rx", daemon=True)
@@ -240,7 +241,7 @@ class VirtioNet(PciDevice):
     def _notify(self, q: int) -> None:
         if q == TX:
             with self._lock:
-                if self._live(TX):
+                if self._live(TX) and not self._held:  # held: sent once released
                     self._guarded(self._transmit)
         elif q == RX:
             self._wake()  # new receive buffers: frames that waited for them can go in
@@ -304,7 +305,7 @@ class VirtioNet(PciDevice):
             self._arrived.notify_all()
 
     def _deliver(self) -> None:
-        if self._paused or not self._live(RX):
+        if self._paused or self._held or not self._live(RX):
             return
         q = self.queues[RX]
         self._guarded(lambda: self._no_notify(q))
@@ -343,8 +344,17 @@ class VirtioNet(PciDevice):
     def resume(self) -> None:
         with self._lock:
             self._paused = False
-            if self._live(TX):
+            if self._live(TX) and not self._held:
                 self._guarded(self._transmit)  # what the guest queued before a migration
+        self._wake()
+
+    def hold_ram(self, hold: bool) -> None:
+        """Keep off guest RAM while `hold` (post-copy); on release, send what the guest
+        queued meanwhile and deliver what waited."""
+        with self._lock:
+            self._held = hold
+            if not hold and not self._paused and self._live(TX):
+                self._guarded(self._transmit)
         self._wake()
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from livemig.contract import (
     MachineConfig,
     MachineError,
     MachineState,
+    hold_device_ram,
     net_ports,
 )
 from livemig.migration import handshake, hello, records, scan
@@ -393,6 +394,7 @@ class Destination:
         self.stats.status = "postcopy-active"
         pc.start(Links(self.sess.main, self.sess.urgent, self.sess.back))
         started = time.time()
+        hold_device_ram(self.machine, True)  # until every page is here
         self.machine.start()
         self._network_moved()
         self._send(RecordType.RUNNING)
@@ -404,6 +406,7 @@ class Destination:
                 raise lost
             self._await_recovery(pc, lost)
         pc.finish()
+        hold_device_ram(self.machine, False)
         report.join(FIRST_HEARTBEAT_WAIT)  # the channels close when this returns
         self.stats.faults = pc.stats
         self.stats.bytes_sent += pc.bytes_received
