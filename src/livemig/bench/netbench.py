@@ -45,6 +45,7 @@ PROBE_NIC = ["-device", "virtio-net-pci"]
 # Strategies measured, in this order, when this livemig has them.
 MODES = ("precopy", "postcopy", "hybrid")
 PROBE_TIMEOUT_S = 60.0  # a busy host boots slowly: give each QEMU -cpu model this long
+IN_PROGRESS = ("setup", "active", "postcopy-active", "postcopy-paused")
 
 
 def qemu_nic_args(tap: str, mac: str) -> list[str]:
@@ -143,7 +144,7 @@ def _migrate(pair: MigrationPair, mode: str, soft: bool) -> dict[str, Any]:
             auth[a.lstrip("-").replace("-", "_")] = next(args)
     try:
         request(pair.src_sock, "migrate", to=pair.target, mode=mode, soft_net=soft, **auth)
-        while (q := request(pair.src_sock, "query-migrate"))["status"] in ("setup", "active"):
+        while (q := request(pair.src_sock, "query-migrate"))["status"] in IN_PROGRESS:
             time.sleep(0.05)
     except ControlError as e:
         return {"status": "failed", "error": str(e)}
