@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test soak lint typecheck guests qemu clean
+.PHONY: setup demo test soak lint typecheck guests qemu nettools clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,12 @@ qemu:
 	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null) ; } || \
 	  echo "note: qemu-system-x86_64 not installed; QEMU tests and baselines will be skipped"
 
+# The network lab (livemig netlab, tests/test_net.py) needs ip, bridge, tc and ping; best effort.
+nettools:
+	@command -v ping >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iputils-ping >/dev/null) ; } || \
+	  echo "note: iproute2/iputils-ping not installed; network tests will be skipped"
+
 demo: setup
 	$(VENV)/bin/livemig demo
 
@@ -28,7 +34,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy src
 
-test: setup qemu lint typecheck
+test: setup qemu nettools lint typecheck
 	$(VENV)/bin/pytest -q
 
 soak: setup

@@ -61,12 +61,14 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condit
 class MachineProcess:
     """A `livemig` subcommand hosting a machine, with its control socket and console file."""
 
-    def __init__(self, args: list[str], tmp: Path, name: str) -> None:
+    def __init__(self, args: list[str], tmp: Path, name: str,
+                 prefix: tuple[str, ...] | list[str] = ()) -> None:
         self.control = str(tmp / f"{name}.sock")
         self.console = tmp / f"{name}.console"
         self.log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*LIVEMIG, *args, "--control", self.control, "--console", str(self.console)],
+        self.proc = subprocess.Popen(  # prefix: e.g. `ip netns exec NS`
+            [*prefix, *LIVEMIG, *args, "--control", self.control, "--console",
+             str(self.console)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for(lambda: os.path.exists(self.control) or self.proc.poll() is not None,
                  30, f"{name} control socket")
@@ -108,8 +110,9 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., MachineProcess]]:
     """Start machine processes; all are stopped at the end of the test."""
     started: list[MachineProcess] = []
 
-    def start(args: list[str], name: str = "m") -> MachineProcess:
-        mp = MachineProcess(args, tmp_path, name)
+    def start(args: list[str], name: str = "m",
+              prefix: tuple[str, ...] | list[str] = ()) -> MachineProcess:
+        mp = MachineProcess(args, tmp_path, name, prefix)
         started.append(mp)
         return mp
     yield start

@@ -265,7 +265,8 @@ void report_fail(u32 cpu, u64 value, u64 aux, const char *fmt, ...)
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
-u64 param(const char *key, u64 def)
+/* The value of key= (a pointer into the command line, ending at a space or NUL), or 0. */
+static const char *find_param(const char *key)
 {
         u64 kl = slen(key);
         const char *p = cmdline;
@@ -280,9 +281,30 @@ u64 param(const char *key, u64 def)
                 u64 i = 0;
                 while (i < kl && w[i] == key[i])
                         i++;
-                if (i != kl)
-                        continue;
-                const char *v = w + kl + 1;
+                if (i == kl)
+                        return w + kl + 1;
+        }
+        return 0;
+}
+
+int param_str(const char *key, char *buf, u64 size)
+{
+        const char *v = find_param(key);
+        u64 n = 0;
+        if (!v || !size)
+                return 0;
+        while (n + 1 < size && v[n] && !is_space(v[n])) {
+                buf[n] = v[n];
+                n++;
+        }
+        buf[n] = 0;
+        return 1;
+}
+
+u64 param(const char *key, u64 def)
+{
+        const char *v = find_param(key);
+        if (v) {
                 u64 n = 0, base = 10;
                 int digits = 0;
                 if (v[0] == '0' && (v[1] == 'x' || v[1] == 'X')) {

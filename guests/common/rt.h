@@ -16,7 +16,7 @@ typedef long i64;
 #define GiB (1UL << 30)
 
 enum { PROBE_BOOT = 1, PROBE_HEARTBEAT = 2, PROBE_OK = 3, PROBE_FAIL = 4 };
-enum { WL_HOTSET = 1, WL_VERIFY = 2, WL_CPUSTATE = 3, WL_IDLE = 4 };
+enum { WL_HOTSET = 1, WL_VERIFY = 2, WL_CPUSTATE = 3, WL_IDLE = 4, WL_NETSERVE = 5 };
 
 #define TIMER_VECTOR 0x40
 
@@ -59,6 +59,8 @@ void report_fail(u32 cpu, u64 value, u64 aux, const char *fmt, ...)
 /* ---- parameters ---- */
 /* Value of key= on the command line (sizes may carry K/M/G), or def if absent. */
 u64 param(const char *key, u64 def);
+/* Text of key= on the command line copied into buf (NUL-terminated, cut to size); 0 if absent. */
+int param_str(const char *key, char *buf, u64 size);
 
 /* ---- memory ---- */
 /* A RAM range of `size` bytes above the image (2 MiB aligned); *got may be less if RAM is short. */

@@ -9,6 +9,7 @@ and every backend implements it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,15 +56,19 @@ class MachineConfig:
     vcpus: int = 1
     image: str = ""
     cmdline: str = ""
+    nics: list[str] = field(default_factory=list)  # MAC of each virtio-net NIC, in slot order
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "arch": self.arch.value,
             "mem_size": self.mem_size,
             "vcpus": self.vcpus,
             "image": self.image,
             "cmdline": self.cmdline,
         }
+        if self.nics:  # only then: a peer without NICs reads the same map as before
+            d["nics"] = list(self.nics)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
@@ -74,6 +79,7 @@ class MachineConfig:
                 vcpus=int(d["vcpus"]),
                 image=str(d.get("image", "")),
                 cmdline=str(d.get("cmdline", "")),
+                nics=[str(m) for m in d.get("nics", [])],
             )
         except (KeyError, ValueError, TypeError) as e:
             raise StateError(f"malformed machine config: {e}") from e
@@ -217,3 +223,43 @@ class Machine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class NetPort(Protocol):
+    """The host side of one guest NIC, for a network handover: frames that reach the machine's
+    old place while it moves are taken there and injected at its new place."""
+
+    name: str  # "net0"
+    mac: bytes
+
+    def take_frames(self, timeout: float) -> list[bytes]:
+        """Frames for the guest that arrived while it was paused (and since), oldest first;
+        waits up to `timeout` seconds for the first when there is none. Only while paused."""
+        ...
+
+    def inject(self, frames: Sequence[bytes]) -> None:
+        """Queue frames for the guest's receive queue (delivered once the guest runs)."""
+        ...
+
+    def announce(self) -> None:
+        """Tell the network where the guest now is: a gratuitous ARP from its MAC (a RARP
+        when its IPv4 address is unknown), sent on the host side."""
+        ...
+
+
+def hold_device_ram(machine: Machine, hold: bool) -> None:
+    """While held, no device of the machine reads or writes guest RAM from a host thread
+    (they wait): under post-copy a missing page would block such a thread while it holds the
+    GIL that the fault handler needs. Optional in the contract (a backend whose devices never
+    touch RAM from host threads lacks it)."""
+    fn = getattr(machine, "hold_device_ram", None)
+    if fn is not None:
+        fn(hold)
+
+
+def net_ports(machine: Machine) -> list[NetPort]:
+    """The machine's network ports; none for a backend without NICs (`net_ports` is
+    optional in the contract)."""
+    fn = getattr(machine, "net_ports", None)
+    return list(fn()) if fn is not None else []

@@ -35,7 +35,8 @@ class MigrationPair:
 
     def __init__(self, image: str, mem: str, vcpus: int, cmdline: str, arch: str = "x86_64",
                  dst_host: str = "127.0.0.1", src_prefix: list[str] | None = None,
-                 dst_prefix: list[str] | None = None, auth: str = "psk") -> None:
+                 dst_prefix: list[str] | None = None, auth: str = "psk",
+                 src_args: list[str] | None = None, dst_args: list[str] | None = None) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="livemig-pair-"))
         self.src_auth, self.dst_auth = self._credentials(auth)
         self.src_sock, self.dst_sock = str(self.work / "src.sock"), str(self.work / "dst.sock")
@@ -43,21 +44,23 @@ class MigrationPair:
         self.src_prefix = src_prefix or []
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
-            self._start(image, mem, vcpus, cmdline, arch, dst_host, dst_prefix or [])
+            self._start(image, mem, vcpus, cmdline, arch, dst_host, dst_prefix or [],
+                        src_args or [], dst_args or [])
         except BaseException:
             self.close()
             raise
 
     def _start(self, image: str, mem: str, vcpus: int, cmdline: str, arch: str, dst_host: str,
-               dst_prefix: list[str]) -> None:
+               dst_prefix: list[str], src_args: list[str], dst_args: list[str]) -> None:
+        """`src_args` / `dst_args`: more options of `run` / `listen` (such as `--net`)."""
         self.dst = self._spawn([*dst_prefix, *LIVEMIG, "listen", "--host", dst_host,
-                                "--port", "0", "--once", *self.dst_auth,
+                                "--port", "0", "--once", *self.dst_auth, *dst_args,
                                 "--control", self.dst_sock,
                                 "--console", str(self.dst_console)], "dst.log")
         self.target = f"{dst_host}:{self._listening_port()}"
         self.src = self._spawn([*self.src_prefix, *LIVEMIG, "run", image, "--arch", arch,
                                 "--mem", mem, "--vcpus", str(vcpus), "--append", cmdline,
-                                "--control", self.src_sock, "--console",
+                                *src_args, "--control", self.src_sock, "--console",
                                 str(self.src_console)], "src.log")
 
     def _credentials(self, auth: str) -> tuple[list[str], list[str]]:

@@ -381,6 +381,10 @@ class QemuMigrationConfig:
     cpu_model: str | None = None
     log_dir: str | None = None  # keep serial logs and QEMU stderr here; else a temp dir
     extra_args: list[str] = field(default_factory=list)
+    # Called once the guest is warm, just before `migrate` (clients start there), and once
+    # the destination settled, before both QEMUs are stopped (clients finish there).
+    before_migrate: Callable[[], None] | None = None
+    after_migrate: Callable[[], None] | None = None
 
 
 @dataclass
@@ -518,7 +522,8 @@ def cpu_model_boots(binary: str, cfg: QemuMigrationConfig, cpu_model: str,
 
 
 def probe_cpu_model(binary: str, cfg: QemuMigrationConfig,
-                    candidates: tuple[str, ...] = CPU_CANDIDATES) -> str:
+                    candidates: tuple[str, ...] = CPU_CANDIDATES,
+                    timeout_s: float = CPU_PROBE_TIMEOUT_S) -> str:
     """The first of ``candidates`` under which QEMU boots ``cfg.image``; cached per process.
 
     Raises `QemuError` (one line, every model with its reason) when none boots.
@@ -529,7 +534,7 @@ def probe_cpu_model(binary: str, cfg: QemuMigrationConfig,
             return _cpu_models[key]
         tried: list[str] = []
         for model in candidates:
-            why = cpu_model_boots(binary, cfg, model)
+            why = cpu_model_boots(binary, cfg, model, timeout_s)
             if why is None:
                 _cpu_models[key] = model
                 return model
@@ -544,9 +549,12 @@ def clear_cpu_model_cache() -> None:
         _cpu_models.clear()
 
 
-def choose_cpu_model(binary: str, cfg: QemuMigrationConfig) -> str:
-    """``cfg.cpu_model``, else ``$LIVEMIG_QEMU_CPU``, else `probe_cpu_model`."""
-    return cfg.cpu_model or os.environ.get("LIVEMIG_QEMU_CPU") or probe_cpu_model(binary, cfg)
+def choose_cpu_model(binary: str, cfg: QemuMigrationConfig,
+                     timeout_s: float = CPU_PROBE_TIMEOUT_S) -> str:
+    """``cfg.cpu_model``, else ``$LIVEMIG_QEMU_CPU``, else `probe_cpu_model` (each model
+    given `timeout_s` to heartbeat)."""
+    return (cfg.cpu_model or os.environ.get("LIVEMIG_QEMU_CPU")
+            or probe_cpu_model(binary, cfg, timeout_s=timeout_s))
 
 
 def guest_gap_ms(src: list[tuple[float, int]], dst: list[tuple[float, int]],
@@ -747,11 +755,15 @@ def _migrate(src: QemuProcess, dst: QemuProcess, cfg: QemuMigrationConfig) -> Qe
                 "dest": _apply_settings(dst, cfg, "dest")}
     port = _listen_port(dst, cfg.listen_host)
     switch = _PostcopySwitch(cfg.postcopy_after)
+    if cfg.before_migrate is not None:
+        cfg.before_migrate()
     t_start = time.monotonic()
     src.qmp.cmd("migrate", uri=f"tcp:{cfg.listen_host}:{port}")
     info = _poll_migration(src, cfg, switch)
     if info.get("status") == "completed":
         dst.serial.wait_heartbeats(cfg.settle_heartbeats, cfg.boot_timeout_s, alive=dst.alive)
+    if cfg.after_migrate is not None:
+        cfg.after_migrate()
     res = _result(info, src.serial.heartbeats(), dst.serial.heartbeats(), t_start)
     res.settings = settings
     with contextlib.suppress(QemuError, TimeoutError):

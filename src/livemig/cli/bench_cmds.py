@@ -163,6 +163,44 @@ def postcopy(vs_qemu: bool, link: str | None, mem: int, wss: str, vcpus: int, re
         report.print_grid(result)
 
 
+@bench.command("net")
+@click.option("--vs-qemu", is_flag=True, help="also migrate the same guest with QEMU")
+@click.option("--mem", default="64M", show_default=True, help="guest RAM")
+@click.option("--rate", type=click.FloatRange(1, 5000), default=500.0, show_default=True,
+              help="UDP requests a second")
+@click.option("--duration", type=click.FloatRange(2, 600), default=8.0, show_default=True,
+              help="seconds of client load (the migration starts --migrate-at into it)")
+@click.option("--migrate-at", type=click.FloatRange(0.5, 600), default=3.0, show_default=True)
+@click.option("--auth", type=click.Choice(AUTH_KINDS), default="psk", show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="runs of each configuration, interleaved")
+@click.option("--link", default="20mbit", show_default=True, metavar="RATE|none",
+              help="shape every host's link to the switch (tc tbf rate): an edge site's "
+              "uplink, on which a migration's switch-over lasts long enough to be seen")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def net(vs_qemu: bool, mem: str, rate: float, duration: float, migrate_at: float, auth: str,
+        repeat: int, link: str | None, as_json: bool) -> None:
+    """A netserve guest migrated while a client sends UDP requests and pings it: livemig with
+    soft handover, livemig announcing only, and QEMU (--vs-qemu), in one network lab."""
+    from livemig.bench import netbench
+    from livemig.bench.netns import NetworkError
+
+    if migrate_at >= duration:
+        raise BadInput("--migrate-at must fall inside --duration")
+    s = netbench.NetBenchSettings(mem=mem, rate=rate, duration=duration,
+                                  migrate_at=migrate_at, auth=auth, repeat=repeat,
+                                  link=None if link == "none" else link)
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        result = netbench.run_bench(s, vs_qemu, say)
+    except NetworkError as e:
+        raise BadInput(f"network lab: {e}") from e
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        netbench.print_report(result)
+
+
 def _plot(result: dict[str, Any], path: str | None, say: Any) -> None:
     if path is None:
         return

@@ -10,8 +10,17 @@ from typing import Any
 import click
 
 from livemig import snapshot
-from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds
-from livemig.cli.options import ARCH, CONTROL_HELP, SIZE, SIZE_HELP
+from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds, netlab_cmds
+from livemig.cli.options import (
+    ARCH,
+    CONTROL_HELP,
+    NET,
+    NET_HELP,
+    SIZE,
+    SIZE_HELP,
+    NetSpec,
+    random_mac,
+)
 from livemig.cli.process import host_machine, serve_machine
 from livemig.cli.runner import build_machine, open_console, prepare_control_path
 from livemig.contract import Arch, ImageError, MachineConfig, MachineError
@@ -37,17 +46,20 @@ def cli() -> None:
 @click.option("--arch", type=ARCH, default="x86_64", show_default=True)
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
+@click.option("--net", "nets", type=NET, multiple=True, help=NET_HELP)
 def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
-        control: str | None) -> None:
+        control: str | None, nets: tuple[NetSpec, ...]) -> None:
     """Run a machine in the foreground; Ctrl-C stops it."""
     if os.path.isdir(image):
         raise ImageError(f"guest image {image} is a directory")
     if not os.path.isfile(image):
         raise ImageError(f"guest image {image} does not exist")
     control = prepare_control_path(control)
-    config = MachineConfig(Arch(arch), mem, vcpus, os.path.abspath(image), cmdline)
+    config = MachineConfig(Arch(arch), mem, vcpus, os.path.abspath(image), cmdline,
+                           [n.mac or random_mac() for n in nets])
     sink, close = open_console(console)
-    host_machine(build_machine(config, sink), control, close, lambda m: None)
+    host_machine(build_machine(config, sink, [n.tap for n in nets]), control, close,
+                 lambda m: None)
 
 
 @cli.command()
@@ -94,18 +106,21 @@ def save(socket_path: str, file: str, stop: bool) -> None:
 @click.argument("file")
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
-def restore(file: str, console: str, control: str | None) -> None:
+@click.option("--net", "nets", type=NET, multiple=True,
+              help="host TAP for each NIC of the machine: tap=NAME (repeatable)")
+def restore(file: str, console: str, control: str | None, nets: tuple[NetSpec, ...]) -> None:
     """Resume a machine from a snapshot FILE, where it stopped."""
     if os.path.isdir(file):
         raise snapshot.SnapshotError(f"snapshot {file} is a directory")
     snap = snapshot.read(file)
     control = prepare_control_path(control)
     sink, close = open_console(console)
-    machine = snapshot.restore(snap, lambda cfg: build_machine(cfg, sink))
+    taps = [n.tap for n in nets]
+    machine = snapshot.restore(snap, lambda cfg: build_machine(cfg, sink, taps))
     host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds, credential_cmds):
+for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, netlab_cmds):
     _module.add_commands(cli)
 
 

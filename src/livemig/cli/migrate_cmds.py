@@ -11,7 +11,15 @@ from typing import Any
 import click
 
 from livemig.cli.migration_control import outcome_line, register_migration_controls
-from livemig.cli.options import CONTROL_HELP, RATE, SIZE, BadInput, check_target
+from livemig.cli.options import (
+    CONTROL_HELP,
+    NET,
+    RATE,
+    SIZE,
+    BadInput,
+    NetSpec,
+    check_target,
+)
 from livemig.cli.process import serve_machine
 from livemig.cli.runner import (
     MachineHost,
@@ -40,13 +48,14 @@ LINGER_AFTER_DISCARD = 15.0  # seconds `listen --once` stays to answer a resolve
 class _Consoles:
     """The console of the machine being received (one at a time), opened when it is built."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, taps: list[str]) -> None:
         self.spec = spec
+        self.taps = taps
         self.close: Any = lambda: None
 
     def build(self, cfg: MachineConfig) -> Any:
         sink, self.close = open_console(self.spec)
-        return build_machine(cfg, sink)
+        return build_machine(cfg, sink, self.taps)
 
 
 def _address(host: str, port: int | None, unix: str | None) -> Address:
@@ -64,10 +73,12 @@ def _address(host: str, port: int | None, unix: str | None) -> Address:
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
+@click.option("--net", "nets", type=NET, multiple=True,
+              help="host TAP for each NIC of the incoming machine: tap=NAME (repeatable)")
 @security_options
 def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
-               control: str | None, once: bool, key_file: str | None, tls_dir: str | None,
-               insecure: bool) -> None:
+               control: str | None, once: bool, nets: tuple[NetSpec, ...],
+               key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
     control = prepare_control_path(control)
     sec = build_security(key_file, tls_dir, insecure)
@@ -79,7 +90,7 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
         raise BadInput(str(e).split(" (while attempting")[0]) from e
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
     click.echo(f"livemig: listening for a migration on {where}", err=True)
-    consoles = _Consoles(console)
+    consoles = _Consoles(console, [n.tap for n in nets])
     lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True))
     lst.start()
     try:
@@ -200,13 +211,17 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
 @click.option("--postcopy-after", "postcopy_after", type=click.IntRange(1), default=None,
               help="hybrid: switch to post-copy after this many pre-copy rounds")
+@click.option("--soft-net/--no-soft-net", "soft_net", default=True, show_default=True,
+              help="forward frames that reach the old host after the switch-over to the new "
+              "one (off: the destination only announces the guest, as QEMU)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
 def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
-                hold_hot_k: int, hold_hot_n: int, postcopy_after: int | None, as_json: bool,
+                hold_hot_k: int, hold_hot_n: int, postcopy_after: int | None, soft_net: bool,
+                as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
@@ -218,7 +233,7 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
                     hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
-                    postcopy_after=postcopy_after, **auth)
+                    postcopy_after=postcopy_after, soft_net=soft_net, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     _finish(socket_path, as_json)

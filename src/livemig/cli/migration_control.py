@@ -203,6 +203,7 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
             if opts.postcopy_after < 1:
                 raise ValueError("postcopy_after must be >= 1")
         check_k_n(opts.hold_hot_k, opts.hold_hot_n)
+        opts.soft_net = bool(req.get("soft_net", True))
     except (ValueError, TypeError) as e:
         raise ControlError(f"bad migrate option: {e}") from e
     if opts.max_rounds < 1 or opts.max_downtime_ms <= 0:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from livemig.contract import Arch
+from livemig.contract import Arch, ConfigError
 from livemig.units import SIZE_HELP, parse_rate, parse_size
 
-__all__ = ["ARCH", "CONTROL_HELP", "RATE", "SIZE", "SIZE_HELP", "BadInput", "check_target",
-           "parse_rate", "parse_size"]
+__all__ = ["ARCH", "CONTROL_HELP", "NET", "NET_HELP", "RATE", "SIZE", "SIZE_HELP", "BadInput",
+           "NetSpec", "check_target", "parse_rate", "parse_size", "random_mac"]
 
 
 class BadInput(click.ClickException):
@@ -49,6 +51,47 @@ class RateType(click.ParamType):
         return str(value)
 
 
+@dataclass(frozen=True)
+class NetSpec:
+    """`--net tap=NAME[,mac=52:54:00:..]`: the host TAP behind a NIC, and its MAC if given."""
+
+    tap: str
+    mac: str | None = None
+
+
+class NetType(click.ParamType):
+    """A `--net` value, checked here (a malformed MAC is bad input before anything starts)."""
+
+    name = "net"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> NetSpec:
+        if isinstance(value, NetSpec):
+            return value
+        fields: dict[str, str] = {}
+        for part in str(value).split(","):
+            key, eq, val = part.partition("=")
+            if not eq or key not in ("tap", "mac") or key in fields or not val:
+                self.fail(f"{value!r}: expected tap=NAME[,mac=XX:XX:XX:XX:XX:XX]", param, ctx)
+            fields[key] = val
+        if "tap" not in fields:
+            self.fail(f"{value!r}: tap=NAME is required", param, ctx)
+        if "mac" in fields:
+            from livemig.machine.tap import parse_mac
+            try:
+                parse_mac(fields["mac"])
+            except ConfigError as e:
+                self.fail(str(e), param, ctx)
+        return NetSpec(fields["tap"], fields.get("mac"))
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
+NET = NetType()
+NET_HELP = "a virtio-net NIC behind host TAP NAME: tap=NAME[,mac=52:54:00:12:34:56] (repeatable)"
 SIZE = SizeType()
 RATE = RateType()
 ARCH = click.Choice([a.value for a in Arch])

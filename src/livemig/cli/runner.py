@@ -13,22 +13,26 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from livemig import snapshot
-from livemig.contract import Arch, Machine, MachineConfig, MachineError
+from livemig.contract import Arch, ConfigError, Machine, MachineConfig, MachineError
 from livemig.control import ControlError, ControlServer, check_control_path, default_control_dir
 from livemig.outpath import OutputPathError, claim_output_path
 
 ConsoleSink = Callable[[bytes], None]
 
 
-def build_machine(config: MachineConfig, console: ConsoleSink | None) -> Machine:
-    """Create an empty machine of the backend the config's architecture needs."""
+def build_machine(config: MachineConfig, console: ConsoleSink | None,
+                  taps: Sequence[str] = ()) -> Machine:
+    """Create an empty machine of the backend the config's architecture needs; `taps` are
+    this host's TAP devices for the config's NICs."""
     if config.arch is Arch.X86_64:
         from livemig.machine import KvmMachine
-        return KvmMachine(config, console)
+        return KvmMachine(config, console, taps)
+    if config.nics or taps:
+        raise ConfigError("the arm64 board has no NIC (--net is for x86_64 machines)")
     from livemig.arm import Armv8Machine
     machine: Machine = Armv8Machine(config, console)
     return machine

@@ -30,7 +30,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
+from livemig.contract import (
+    PAGE_SIZE,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineState,
+    hold_device_ram,
+    net_ports,
+)
 from livemig.migration import handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
@@ -43,6 +51,7 @@ from livemig.migration.errors import (
     ProtocolError,
     RemoteError,
 )
+from livemig.migration.netforward import NetReceiver
 from livemig.migration.pageserver import unpack_bitmap
 from livemig.migration.postcopy_dest import Links, PostcopyReceiver
 from livemig.migration.prefault import Prefaulter
@@ -115,6 +124,7 @@ class Destination:
         self.verify: VerifyTable | None = None
         self.round = RoundStats(1)
         self.source_probe: dict = {}
+        self.net_chan: Channel | None = None  # frames forwarded after COMMIT (--soft-net)
         self.switchover_s = DEFAULT_SWITCHOVER_S
         self.ready_at = 0.0
         self._t0 = time.monotonic()
@@ -185,6 +195,9 @@ class Destination:
         elif self.state is not DestState.ABORTED:
             self.state = DestState.FAILED
         refuse(self.sess.back or self.sess.main, e)
+        if self.net_chan is not None:
+            self.net_chan.close()
+            self.net_chan = None
         self.stats.status = self.state.value
         if self.machine is not None:
             self.machine.close()
@@ -232,12 +245,18 @@ class Destination:
         if nstreams > 1 and (self.join is None
                              or hello.FEATURE_STREAMS not in self.sess.features):
             raise ProtocolError("page streams were not negotiated")
+        net = d.get("net", False) is True
+        if net and (self.join is None or hello.FEATURE_NET not in self.sess.features):
+            raise ProtocolError("network forwarding was not negotiated")
         self._send(RecordType.CONFIG_OK)
         if nstreams > 1:
             self._open_streams(nstreams)
         if postcopy:
             assert self.join is not None
             self.sess.urgent = self.join(Role.URGENT.value, JOIN_TIMEOUT)
+        if net:
+            assert self.join is not None
+            self.net_chan = self.join(Role.NET.value, JOIN_TIMEOUT)
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
@@ -341,6 +360,7 @@ class Destination:
             return
         started = time.time()
         self.machine.start()
+        self._network_moved()
         self.stats.status = "completed"
         self.stats.total_ms = (time.monotonic() - self._t0) * 1000
         try:
@@ -348,6 +368,16 @@ class Destination:
             self._report(started)
         except MigrationError:
             pass  # the machine runs here; the source learns it by resolving
+
+    def _network_moved(self) -> None:
+        """The machine runs here: tell the network, and inject what the source forwards."""
+        assert self.machine is not None
+        ports = net_ports(self.machine)
+        for p in ports:
+            p.announce()
+        if self.net_chan is not None:
+            NetReceiver(self.net_chan, ports).start()  # owns the channel from now on
+            self.net_chan = None
 
     def _report(self, started: float) -> None:
         if hello.FEATURE_REPORT in self.sess.features:
@@ -364,7 +394,9 @@ class Destination:
         self.stats.status = "postcopy-active"
         pc.start(Links(self.sess.main, self.sess.urgent, self.sess.back))
         started = time.time()
+        hold_device_ram(self.machine, True)  # until every page is here
         self.machine.start()
+        self._network_moved()
         self._send(RecordType.RUNNING)
         report = threading.Thread(target=self._report_quietly, args=(started,),
                                   name="postcopy-report", daemon=True)
@@ -374,6 +406,7 @@ class Destination:
                 raise lost
             self._await_recovery(pc, lost)
         pc.finish()
+        hold_device_ram(self.machine, False)
         report.join(FIRST_HEARTBEAT_WAIT)  # the channels close when this returns
         self.stats.faults = pc.stats
         self.stats.bytes_sent += pc.bytes_received
@@ -448,6 +481,7 @@ def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Mach
     mine = hello.Hello(encodings=list(SUPPORTED))
     mine.features.remove(hello.FEATURE_STREAMS)  # no listener to take extra connections
     mine.features.remove(hello.FEATURE_POSTCOPY)
+    mine.features.remove(hello.FEATURE_NET)
     try:
         _offer, chosen = handshake.server(chan, mine, sec, time.monotonic() + hello_timeout)
     except MigrationError as e:

@@ -33,8 +33,9 @@ FEATURE_ROUND_ACK = "round-ack"  # destination answers ROUND_END with ROUND_ACK
 FEATURE_REPORT = "report"  # destination sends REPORT after RUNNING
 FEATURE_STREAMS = "streams"  # PAGES may come on extra connections `pages-N` (--streams)
 FEATURE_POSTCOPY = "postcopy"  # post-copy: urgent connection, page requests, recovery
+FEATURE_NET = "net-forward"  # frames forwarded after COMMIT on a `net` connection (--soft-net)
 KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS,
-                  FEATURE_POSTCOPY)
+                  FEATURE_POSTCOPY, FEATURE_NET)
 
 
 @dataclass

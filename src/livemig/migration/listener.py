@@ -36,7 +36,7 @@ HELLO_LIMIT = 64 << 10
 MAX_PENDING = 16
 MAX_STREAMS = 16
 # Connections that join a migration in progress (besides the page streams `pages-N`).
-JOINS = (Role.RETURN.value, Role.URGENT.value, Role.RECOVER.value)
+JOINS = (Role.RETURN.value, Role.URGENT.value, Role.RECOVER.value, Role.NET.value)
 REGISTER_WAIT = 2.0  # seconds an extra connection waits for its migration to be registered
 
 

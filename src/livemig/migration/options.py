@@ -53,6 +53,9 @@ class MigrationOptions:
     # Hybrid: switch to post-copy after this many pre-copy rounds (None: when pre-copy would
     # stop, whatever the reason, or on `migrate-start-postcopy`).
     postcopy_after: int | None = None
+    # Soft network handover (migration/netforward.py): frames reaching the old place after
+    # the switch-over are forwarded to the new one; off: announce only, as QEMU.
+    soft_net: bool = True
 
     def switchover_limit_s(self) -> float:
         """How long the guest may stay paused before READY: past it the source aborts and

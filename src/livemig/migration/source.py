@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, Machine
+from livemig.contract import PAGE_SIZE, Machine, net_ports
 from livemig.extents import runs
 from livemig.migration import hello as hello_mod
 from livemig.migration import records, resolve, scan, session, strategies, verify
@@ -40,6 +40,7 @@ from livemig.migration.errors import (
     SwitchoverTimeout,
 )
 from livemig.migration.gap import guest_gap_ms
+from livemig.migration.netforward import NetSender
 from livemig.migration.options import MigrationOptions
 from livemig.migration.pages import MAX_BATCH, BatchEncoder, EncodedBatch
 from livemig.migration.pageserver import pack_bitmap, unpack_bitmap
@@ -102,6 +103,8 @@ class Source:
         self.limiter = RateLimiter(None if to_file else opts.max_bandwidth)
         self.ram = np.frombuffer(machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.encoder: BatchEncoder | None = None
+        self.net_chan: Channel | None = None  # soft network handover (netforward.py)
+        self.net: NetSender | None = None
         self.paused = False
         self.deadline: float | None = None  # while paused: when the switch-over must give up
         self.running_lost = False  # RUNNING never came; a resolve said the machine runs there
@@ -136,6 +139,7 @@ class Source:
             self._phase("switchover")
             self.strategy.after_commit(self)
             self._phase("after-commit")
+            self._finish_net()
             self.state = SourceState.COMPLETED
             self.stats.status = "completed"
             self._finish_report()
@@ -152,6 +156,8 @@ class Source:
                 self.streams.close()
             self._record_channels()
             self._close_extra_channels()
+            if self.net is None and self.net_chan is not None:
+                self.net_chan.close()
         return self.stats
 
     def _close_extra_channels(self) -> None:
@@ -253,12 +259,20 @@ class Source:
                "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
                "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
+        soft_net = self._soft_net()
+        if soft_net:
+            cfg["net"] = True
         self.send(RecordType.CONFIG, records.pack(cfg))
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()
         if self.strategy.postcopy:
             self._join_urgent(time.monotonic() + HELLO_TIMEOUT)
+        if soft_net:
+            assert self.session is not None and self.redial is not None
+            self.net_chan = session.join(self.session, session.offer(self.opts), self.redial,
+                                         Role.NET, Role.NET.value, self.security,
+                                         time.monotonic() + HELLO_TIMEOUT)
         self.state = SourceState.CONFIGURED
 
     def _join_urgent(self, deadline: float) -> None:
@@ -267,6 +281,18 @@ class Source:
         self.session.urgent = session.join(self.session, session.offer(self.opts), self.redial,
                                            Role.URGENT, Role.URGENT.value, self.security,
                                            deadline)
+
+    def _soft_net(self) -> bool:
+        """Forward frames after COMMIT: asked for, possible here and accepted there."""
+        return (self.opts.soft_net and not self.to_file and self.redial is not None
+                and self.session is not None
+                and hello_mod.FEATURE_NET in self.session.features
+                and bool(net_ports(self.m)))
+
+    def _finish_net(self) -> None:
+        if self.net is not None:
+            self.stats.net = self.net.finish().to_json()
+            self.stats.event("net-forward-done")
 
     def _nstreams(self) -> int:
         return 1 if self.to_file else self.opts.streams
@@ -425,6 +451,9 @@ class Source:
         self.stats.event("commit")
         self.deadline = None
         self.send(RecordType.COMMIT)
+        if self.net_chan is not None:  # from now on the frames belong to the destination
+            self.net = NetSender(self.net_chan, net_ports(self.m))
+            self.net.start()
         self._await_running()
         self.step("until-running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1000

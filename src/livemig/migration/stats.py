@@ -116,6 +116,7 @@ class MigrationStats:
     switchover_ms: dict[str, float] = field(default_factory=dict)
     faults: FaultStats = field(default_factory=FaultStats)
     events: list[tuple[float, str]] = field(default_factory=list)
+    net: dict[str, Any] = field(default_factory=dict)  # network handover (netforward.NetStats)
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     def event(self, what: str) -> None:
@@ -163,6 +164,7 @@ class MigrationStats:
             "faults": self.faults.to_json(),
             "events": [{"t_ms": t, "event": e} for t, e in self.events],
             "round_detail": [asdict(r) for r in self.rounds],
+            "net": self.net,
         }
 
 

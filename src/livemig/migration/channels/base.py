@@ -37,6 +37,7 @@ class Role(enum.Enum):
     PAGES = "pages"  # source -> destination: page batches of one stream (`pages-N`)
     URGENT = "urgent"  # source -> destination, post-copy: the pages faults asked for
     RECOVER = "recover"  # source -> destination: replaces MAIN of a broken post-copy
+    NET = "net"  # source -> destination after COMMIT: frames forwarded (soft handover)
 
 
 class Channel(ABC):
