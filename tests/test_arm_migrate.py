@@ -34,6 +34,9 @@ CASES = [
     ("verify", "wss=4M rate=5000", "hybrid", ("--postcopy-after", "1")),
     ("cpustate", "hb=50", "hybrid", ("--postcopy-after", "1")),
 ]
+# Post-copy and hybrid move a 1 GiB verify guest, as issue 10 asks (most of it never written:
+# the pages it holds are pulled and pushed, the rest filled with zeroes where touched).
+MEM = {("verify", "postcopy"): "1G", ("verify", "hybrid"): "1G"}
 
 
 @pytest.mark.parametrize("workload,cmdline,mode,flags", CASES)
@@ -41,7 +44,8 @@ def test_arm_live_migration_between_processes(machines, tmp_path: Path, workload
                                               cmdline: str, mode: str,
                                               flags: tuple[str, ...]) -> None:
     src: MachineProcess = machines(["run", arm_image(workload), "--arch", "arm64", "--mem",
-                                    "64M", "--vcpus", "2", "--append", cmdline], "src")
+                                    MEM.get((workload, mode), "64M"), "--vcpus", "2",
+                                    "--append", cmdline], "src")
     wait_for(lambda: has_ok_on_every_cpu(src.console, workload, {0: 0, 1: 0})
              and set(counters(src.console, workload)["hb"]) >= {0, 1}, 30,
              "an OK report and a heartbeat from both vCPUs")
