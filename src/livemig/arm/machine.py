@@ -71,7 +71,7 @@ class Armv8Machine:
     def __init__(self, config: MachineConfig, console: Console = None) -> None:
         _check_config(config)
         self.config = config
-        self.memory = ArmMemory(config.mem_size)
+        self.memory = ArmMemory(config.mem_size, backing=config.backing)
         self.probe = ProbeLog()
         self.uart = Pl011(config.vcpus, console)
         self._ram = self.memory.view()

@@ -163,8 +163,9 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.command("migrate")
 @click.argument("socket_path", metavar="SOCKET")
 @click.option("--to", "target", required=True, help="destination HOST:PORT (livemig listen)")
-@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="precopy",
-              show_default=True)
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None,
+              help="strategy [handover for --to unix:PATH (RAM passed as memfds to a livemig "
+              "on this host), else precopy]")
 @click.option("--max-downtime", "max_downtime", type=float, default=300.0, show_default=True,
               help="target downtime in ms")
 @click.option("--max-bandwidth", "max_bandwidth", type=RATE, default=None,
@@ -190,7 +191,7 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
-def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
+def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
@@ -199,6 +200,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
     check_target(target)
+    if mode is None:
+        mode = Mode.HANDOVER.value if target.startswith("unix:") else Mode.PRECOPY.value
     auth = security_request(key_file, tls_dir, insecure)
     reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
                     max_bandwidth=max_bandwidth, max_rounds=max_rounds,

@@ -40,7 +40,7 @@ class KvmMachine:
             raise ConfigError(f"vCPU count {config.vcpus} is outside 1..{MAX_VCPUS}")
         install_kick_handler()
         self.config = config
-        self.memory = GuestRam(config.mem_size)
+        self.memory = GuestRam(config.mem_size, config.backing)
         self.probe = ProbeLog()
         self.uart = Uart16550(console)
         self.error: str | None = None

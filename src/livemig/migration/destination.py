@@ -25,8 +25,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, Machine, MachineConfig, MachineError, MachineState
-from livemig.migration import handshake, hello, records, scan
+from livemig.contract import (
+    PAGE_SIZE,
+    BackingKind,
+    Machine,
+    MachineConfig,
+    MachineError,
+    MachineState,
+)
+from livemig.migration import backing, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -197,8 +204,10 @@ class Destination:
             self.switchover_s = limit / 1000
         self.stats.mode = str(d.get("mode", ""))
         self.sess.codecs.configure(d.get("codecs"))
+        cfg.backing = backing.incoming(d.get("memory"), self.sess)
         self.machine = self.build(cfg)
-        self._start_prefault(d.get("populated"))
+        if cfg.backing.kind is BackingKind.FRESH:  # other backings hold their data already
+            self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.placer = pages_mod.RamPlacer(self.ram)
         if hello.FEATURE_VERIFY in self.sess.features:

@@ -32,7 +32,9 @@ FEATURE_VERIFY = "verify-memory"  # VERIFY record with keyed BLAKE3 per page
 FEATURE_ROUND_ACK = "round-ack"  # destination answers ROUND_END with ROUND_ACK
 FEATURE_REPORT = "report"  # destination sends REPORT after RUNNING
 FEATURE_STREAMS = "streams"  # PAGES may come on extra connections `pages-N` (--streams)
-KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS)
+FEATURE_HANDOVER = "fd-handover"  # RAM memfds travel with CONFIG (same host, unix socket)
+KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS,
+                  FEATURE_HANDOVER)
 
 
 @dataclass

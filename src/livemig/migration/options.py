@@ -13,6 +13,7 @@ class Mode(enum.Enum):
 
     STOP_COPY = "stop-copy"
     PRECOPY = "precopy"
+    HANDOVER = "handover"  # same host: RAM memfds handed over, only state sent
 
 
 @dataclass

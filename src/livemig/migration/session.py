@@ -15,7 +15,7 @@ from livemig.migration import hello as hello_mod
 from livemig.migration.channels import Channel, Role
 from livemig.migration.codecs import SUPPORTED, CodecSet, offered
 from livemig.migration.errors import ProtocolError
-from livemig.migration.options import MigrationOptions
+from livemig.migration.options import MigrationOptions, Mode
 from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats
 from livemig.migration.wire import RecordType
@@ -58,6 +58,8 @@ def offer(opts: MigrationOptions) -> hello_mod.Hello:
     o = hello_mod.Hello(encodings=offered(opts))
     if not opts.verify_memory:
         o.features.remove(hello_mod.FEATURE_VERIFY)
+    if opts.mode is not Mode.HANDOVER:
+        o.features.remove(hello_mod.FEATURE_HANDOVER)
     return o
 
 

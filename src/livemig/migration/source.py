@@ -229,7 +229,13 @@ class Source:
                "switchover_timeout_ms": self.opts.switchover_limit_s() * 1000,
                "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
-        self.send(RecordType.CONFIG, records.pack(cfg))
+        extra, fds = self.strategy.configure(self)
+        cfg |= extra
+        if fds:  # the machine's RAM itself, to a process on this host
+            self.stats.bytes_sent += self.main.send_with_fds(RecordType.CONFIG,
+                                                             records.pack(cfg), fds=fds)
+        else:
+            self.send(RecordType.CONFIG, records.pack(cfg))
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()

@@ -77,6 +77,15 @@ class Channel(ABC):
             self.records_sent += 1
         return n
 
+    def send_with_fds(self, rtype: RecordType, *parts: bytes | memoryview,
+                      fds: list[int], deadline: float | None = None) -> int:
+        """Send one record carrying file descriptors: only unix socket channels can."""
+        raise TypeError(f"a {self.kind} channel cannot carry file descriptors")
+
+    def take_fds(self) -> list[int]:
+        """File descriptors the peer sent, now the caller's ([] for kinds that carry none)."""
+        return []
+
     def read(self, deadline: float | None = None) -> Record:
         """The next record (payload valid until the next read)."""
         if self.reader is None:

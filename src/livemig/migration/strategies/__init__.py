@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from livemig.migration.options import Mode
 from livemig.migration.strategies.base import Strategy
+from livemig.migration.strategies.handover import Handover
 from livemig.migration.strategies.precopy import PreCopy
 from livemig.migration.strategies.stopcopy import StopCopy
 
-REGISTRY: dict[Mode, type[Strategy]] = {Mode.PRECOPY: PreCopy, Mode.STOP_COPY: StopCopy}
+REGISTRY: dict[Mode, type[Strategy]] = {Mode.PRECOPY: PreCopy, Mode.STOP_COPY: StopCopy,
+                                         Mode.HANDOVER: Handover}
 
 
 def for_mode(mode: Mode) -> Strategy:

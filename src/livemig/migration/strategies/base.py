@@ -1,5 +1,6 @@
 """The strategy contract: the phases one driver (source.Source) runs for a migration.
 
+    configure     extra CONFIG fields (how the destination makes RAM), fds sent with CONFIG
     live_copy     while the guest runs (nothing for stop-and-copy; rounds for pre-copy)
     final_pages   with the guest paused: which pages the last round sends
     after_commit  once the destination runs the guest (post-copy will push pages here)
@@ -11,7 +12,7 @@ COMMIT / RUNNING handshake and failure handling. A strategy only decides what to
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,10 @@ class Strategy(ABC):
     """One way of moving a machine; `name` is its `--mode`."""
 
     name: str
+
+    def configure(self, src: Source) -> tuple[dict[str, Any], list[int]]:
+        """Before CONFIG goes: fields to add to it, and file descriptors to send with it."""
+        return {}, []
 
     def live_copy(self, src: Source) -> None:  # noqa: B027 - stop-and-copy has none
         """Copy while the guest runs; may return early for the switch-over."""
