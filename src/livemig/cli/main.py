@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from livemig import snapshot
-from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds
+from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds, template_cmds
 from livemig.cli.options import ARCH, CONTROL_HELP, SIZE, SIZE_HELP
 from livemig.cli.process import host_machine, serve_machine
 from livemig.cli.runner import build_machine, open_console, prepare_control_path
@@ -29,17 +29,25 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", required=False)
+@click.option("--template", "template", default=None,
+              help="start a clone of this template (RAM maps it copy-on-write) instead of IMAGE")
 @click.option("--mem", type=SIZE, default="256M", show_default=True,
               help=f"guest RAM ({SIZE_HELP})")
-@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, 64), default=None, help="vCPUs [1]")
 @click.option("--append", "cmdline", default="", help="guest command line, e.g. 'wss=100M'")
 @click.option("--arch", type=ARCH, default="x86_64", show_default=True)
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
-def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
-        control: str | None) -> None:
-    """Run a machine in the foreground; Ctrl-C stops it."""
+def run(image: str | None, template: str | None, mem: int, vcpus: int | None, cmdline: str,
+        arch: str, console: str, control: str | None) -> None:
+    """Run a machine in the foreground (IMAGE, or a clone of --template); Ctrl-C stops it."""
+    if template is not None or image is None:
+        if template is None or image is not None:
+            raise click.UsageError("give either IMAGE or --template PATH")
+        template_cmds.run_clone(template, vcpus, console, control)
+        return
+    vcpus = vcpus or 1
     if os.path.isdir(image):
         raise ImageError(f"guest image {image} is a directory")
     if not os.path.isfile(image):
@@ -105,7 +113,7 @@ def restore(file: str, console: str, control: str | None) -> None:
     host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds, credential_cmds):
+for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, template_cmds):
     _module.add_commands(cli)
 
 

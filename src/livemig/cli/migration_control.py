@@ -194,6 +194,9 @@ def register_migration_controls(host: MachineHost) -> None:
     host.control.register("query-migrate", mc.query)
     host.control.register("migrate-cancel", mc.do_cancel)
     host.control.register("migrate-resolve", mc.do_resolve)
+    from livemig.cli.template_cmds import register_template_controls
+
+    register_template_controls(host)
 
 
 def outcome_line(q: dict[str, Any]) -> str:
