@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,32 @@ def wait_ok(m: MachineProcess, more_than: int = 0) -> int:
                         and n, 60, "a verify pass"))
 
 
-def start_listener(tmp: Path, argv: list[str]) -> subprocess.Popen[str]:
+def start_listener(tmp: Path, argv: list[str], port: bool = False) -> subprocess.Popen[str]:
+    """A `livemig listen` process; with `port`, the TCP port it chose is set as `.port`."""
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    _LISTENERS.append(proc)
     assert proc.stderr is not None
     line = proc.stderr.readline()
     assert "listening" in line, line
+    if port:
+        m = re.search(r":(\d+)\s*$", line)
+        assert m, line
+        proc.port = int(m.group(1))  # type: ignore[attr-defined]
     return proc
+
+
+_LISTENERS: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_listeners() -> Iterator[None]:
+    """Listeners a test started end with it, even when it failed before stopping them."""
+    yield
+    while _LISTENERS:
+        p = _LISTENERS.pop()
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=10)
 
 
 @pytest.mark.parametrize("arch", CASES)

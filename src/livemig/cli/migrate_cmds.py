@@ -4,6 +4,7 @@ migration (`migrate`, `query-migrate`, `migrate-cancel`) is in `migration_contro
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -64,11 +65,16 @@ def _address(host: str, port: int | None, unix: str | None) -> Address:
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
+@click.option("--templates", "templates_dir", default=None,
+              help="directory of templates held here: a clone of one of them migrates in "
+              "sending only its own pages (--mode tlm)")
 @security_options
 def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
-               control: str | None, once: bool, key_file: str | None, tls_dir: str | None,
-               insecure: bool) -> None:
+               control: str | None, once: bool, templates_dir: str | None,
+               key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
+    if templates_dir is not None and not os.path.isdir(templates_dir):
+        raise BadInput(f"--templates {templates_dir}: not a directory")
     control = prepare_control_path(control)
     sec = build_security(key_file, tls_dir, insecure)
     addr = _address(host, port, unix)
@@ -80,7 +86,8 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
     click.echo(f"livemig: listening for a migration on {where}", err=True)
     consoles = _Consoles(console)
-    lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True))
+    lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True),
+                   templates_dir=templates_dir and os.path.abspath(templates_dir))
     lst.start()
     try:
         while (inc := lst.results.get()).machine is None:
@@ -189,13 +196,15 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
               "last N rounds for the final round instead of re-sending them live")
 @click.option("--hold-hot-k", "hold_hot_k", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--ship-template", "ship_template", is_flag=True, help="--mode tlm: if the "
+              "destination lacks the clone's template, send it first (else migrate generically)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
 def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
-                hold_hot_k: int, hold_hot_n: int, as_json: bool,
+                hold_hot_k: int, hold_hot_n: int, ship_template: bool, as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
@@ -208,7 +217,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: f
                     auto_converge=auto_converge, verify_memory=verify_memory,
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
-                    hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n, **auth)
+                    hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
+                    ship_template=ship_template, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     q = _poll(socket_path, show=not as_json and sys.stderr.isatty())

@@ -155,6 +155,7 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         if req.get("commit_timeout_s") is not None:
             opts.commit_timeout_s = float(req["commit_timeout_s"])
         _wire_options(opts, req)
+        opts.ship_template = bool(req.get("ship_template", False))
         opts.hold_hot = bool(req.get("hold_hot", False))
         opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
         opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))

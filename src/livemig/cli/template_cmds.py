@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -13,17 +12,9 @@ import click
 from livemig.cli.options import BadInput
 from livemig.cli.process import host_machine
 from livemig.cli.runner import MachineHost, build_machine, open_console, prepare_control_path
-from livemig.contract import BackingKind, Machine, MachineError
+from livemig.contract import MachineError
 from livemig.control import ControlError, request
 from livemig.migration import templates
-
-
-def parent_of(machine: Machine) -> str | None:
-    """The content id of the template a clone was made from (None: not a clone)."""
-    b = machine.config.backing
-    if b.kind is not BackingKind.TEMPLATE:
-        return None
-    return templates.load(Path(b.path).parent).content_id
 
 
 def register_template_controls(host: MachineHost) -> None:
@@ -41,7 +32,8 @@ def register_template_controls(host: MachineHost) -> None:
             t0 = time.monotonic()
             m.pause()
             try:
-                t = templates.save(m, path, parent_of(m))
+                parent = templates.of_machine(m)
+                t = templates.save(m, path, parent.content_id if parent else None)
             except OSError as e:
                 raise ControlError(f"cannot save a template to {path}: {e.strerror or e}") from e
             finally:

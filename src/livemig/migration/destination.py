@@ -90,8 +90,10 @@ class Destination:
 
     def __init__(self, sess: Session, build: Callable[[MachineConfig], Machine],
                  outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT,
-                 join: Callable[[str], Channel] | None = None) -> None:
+                 join: Callable[[str], Channel] | None = None,
+                 templates_dir: str | None = None) -> None:
         self.sess = sess
+        self.templates_dir = templates_dir  # where TLM finds templates by content id
         self.join = join  # takes an extra connection of the session by label (page streams)
         self.streams: DestStreams | None = None
         self.build = build
@@ -204,7 +206,7 @@ class Destination:
             self.switchover_s = limit / 1000
         self.stats.mode = str(d.get("mode", ""))
         self.sess.codecs.configure(d.get("codecs"))
-        cfg.backing = backing.incoming(d.get("memory"), self.sess)
+        cfg.backing = backing.incoming(d.get("memory"), self.sess, self.templates_dir)
         self.machine = self.build(cfg)
         if cfg.backing.kind is BackingKind.FRESH:  # other backings hold their data already
             self._start_prefault(d.get("populated"))

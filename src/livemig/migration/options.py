@@ -14,6 +14,7 @@ class Mode(enum.Enum):
     STOP_COPY = "stop-copy"
     PRECOPY = "precopy"
     HANDOVER = "handover"  # same host: RAM memfds handed over, only state sent
+    TLM = "tlm"  # template-aware pre-copy: a clone sends only its pages not the template's
 
 
 @dataclass
@@ -44,6 +45,8 @@ class MigrationOptions:
     hold_hot: bool = False
     hold_hot_k: int = 2
     hold_hot_n: int = 3
+    # TLM, when the destination lacks the template: send it first (else migrate generically).
+    ship_template: bool = False
 
     def switchover_limit_s(self) -> float:
         """How long the guest may stay paused before READY: past it the source aborts and

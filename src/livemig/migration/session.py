@@ -36,6 +36,7 @@ class Session:
     security: str = "none"
     stats: MigrationStats = field(default_factory=MigrationStats)
     pages: list[Channel] = field(default_factory=list)  # page streams (`--streams N`)
+    templates: list[str] = field(default_factory=list)  # ids the destination holds (WELCOME)
 
     def channels(self) -> list[Channel]:
         out: list[Channel] = []
@@ -74,6 +75,7 @@ def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
     sid = welcome.session or b""
     sess = Session(sid, welcome.min_version, welcome.features, codecs, main, main,
                    sec.describe())
+    sess.templates = [t for t in welcome.templates if t in proposal.templates]
     if not main.duplex:
         if redial is None:
             raise ProtocolError(f"a {main.kind} session needs a return connection")

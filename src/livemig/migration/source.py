@@ -205,6 +205,7 @@ class Source:
 
     def _negotiate(self) -> None:
         proposal = session.offer(self.opts)
+        self.strategy.offer(self, proposal)
         deadline = time.monotonic() + HELLO_TIMEOUT
         if self.to_file:
             self.session = session.open_file_writer(self.main, proposal, self.opts)

@@ -18,8 +18,11 @@ checks the digest before it maps one: a template whose files were changed is ref
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,12 +135,37 @@ def save(machine: contract.Machine, path: str, parent: str | None = None) -> Tem
     finally:
         os.close(fd)
     npages = sum(n for _, n in rs)
-    probe = dict(machine.probe.state())
-    meta = {"format": FORMAT, "content_id": content_id, "config": cfg.to_dict(), "state": state,
-            "probe": probe, "parent": parent, "data_pages": npages}
-    (p / META).write_bytes(msgpack.packb(meta, use_bin_type=True))
-    os.chmod(p / META, 0o400)
-    return Template(p, content_id, cfg, state, probe, parent, npages)
+    t = Template(p, content_id, cfg, state, dict(machine.probe.state()), parent, npages)
+    write_meta(t)
+    return t
+
+
+def meta(t: Template) -> dict[str, Any]:
+    """The template's metadata map (what `template.meta` holds)."""
+    return {"format": FORMAT, "content_id": t.content_id, "config": t.config.to_dict(),
+            "state": t.state, "probe": t.probe, "parent": t.parent, "data_pages": t.data_pages}
+
+
+def write_meta(t: Template) -> None:
+    (t.path / META).write_bytes(msgpack.packb(meta(t), use_bin_type=True))
+    os.chmod(t.path / META, 0o400)
+
+
+def from_meta(path: Path, d: Any) -> Template:
+    """A Template from a metadata map; TemplateError when it is not a valid one."""
+    try:
+        if d.get("format") != FORMAT:
+            raise TemplateError(f"template {path} has format {d.get('format')}, this livemig "
+                                f"reads format {FORMAT}")
+        cid = str(d["content_id"])
+        if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
+            raise TemplateError(f"template {path}: malformed content id")
+        return Template(path, cid, MachineConfig.from_dict(d["config"]), bytes(d["state"]),
+                        dict(d.get("probe") or {}), d.get("parent"), int(d["data_pages"]))
+    except TemplateError:
+        raise
+    except (contract.StateError, AttributeError, KeyError, ValueError, TypeError) as e:
+        raise TemplateError(f"template {path} is damaged: {META} is unreadable ({e})") from e
 
 
 def load(path: str | Path) -> Template:
@@ -150,16 +178,9 @@ def load(path: str | Path) -> Template:
         raise TemplateError(f"template {p}: {META} is too large")
     try:
         d = msgpack.unpackb(raw, raw=False)
-        if d.get("format") != FORMAT:
-            raise TemplateError(f"template {p} has format {d.get('format')}, this livemig "
-                                f"reads format {FORMAT}")
-        t = Template(p, str(d["content_id"]), MachineConfig.from_dict(d["config"]),
-                     bytes(d["state"]), dict(d.get("probe") or {}), d.get("parent"),
-                     int(d["data_pages"]))
-    except TemplateError:
-        raise
-    except (contract.StateError, KeyError, ValueError, TypeError, msgpack.UnpackException) as e:
+    except (ValueError, msgpack.UnpackException) as e:
         raise TemplateError(f"template {p} is damaged: {META} is unreadable ({e})") from e
+    t = from_meta(p, d)
     if os.stat(t.memory_path).st_size != t.config.mem_size:
         raise TemplateError(f"template {p} is damaged: its memory is not "
                             f"{t.config.mem_size} bytes")
@@ -177,24 +198,31 @@ def _identity(t: Template) -> tuple[int, ...]:
     return tuple(out)
 
 
-def digest(t: Template) -> str:
-    """The content id computed from the template's files."""
-    h = _hasher(t.config, t.state)
+@contextmanager
+def memory_pages(t: Template) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
+    """The template's memory mapped read-only as pages, with its runs of non-zero pages."""
+    size = t.config.mem_size
     with open(t.memory_path, "rb") as f:
-        size = t.config.mem_size
         candidates = np.zeros(size // PAGE_SIZE, dtype=bool)
         for first, count in data_pages(f.fileno(), size):
             candidates[first:first + count] = True
-        if not candidates.any():
-            return h.hexdigest()
-        import mmap
-
-        with mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            pages = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        m = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+        pages = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        try:
+            yield pages, _nonzero_runs(pages, candidates)
+        finally:
+            del pages
             try:
-                _hash_runs(h, pages, _nonzero_runs(pages, candidates))
-            finally:
-                del pages
+                m.close()
+            except BufferError:
+                pass  # the caller still holds a view: the mapping goes with it
+
+
+def digest(t: Template) -> str:
+    """The content id computed from the template's files."""
+    h = _hasher(t.config, t.state)
+    with memory_pages(t) as (pages, rs):
+        _hash_runs(h, pages, rs)
     return h.hexdigest()
 
 
@@ -210,16 +238,32 @@ def verify(t: Template) -> None:
     _verified[ident] = t.content_id
 
 
-def find(directory: str | Path, content_id: str) -> Template | None:
-    """The template with `content_id` among the templates in `directory` (each a
-    subdirectory), or None. Its content is not checked here (see `verify`)."""
-    d = Path(directory)
-    if not d.is_dir():
+def of_machine(machine: contract.Machine) -> Template | None:
+    """The template a clone was made from (its RAM maps the template's memory), else None."""
+    b = machine.config.backing
+    if b.kind is not BackingKind.TEMPLATE:
         return None
-    for sub in sorted(d.iterdir()):
+    return load(Path(b.path).parent)
+
+
+def _each(directory: str | Path | None) -> Iterator[Template]:
+    """The readable templates in `directory` (each a subdirectory); others are skipped."""
+    if directory is None or not Path(directory).is_dir():
+        return
+    for sub in sorted(Path(directory).iterdir()):
         try:
-            if sub.is_dir() and (t := load(sub)).content_id == content_id:
-                return t
+            if sub.is_dir():
+                yield load(sub)
         except (TemplateError, OSError):
             continue
-    return None
+
+
+def ids(directory: str | Path | None) -> list[str]:
+    """The content ids of the templates in `directory` (as their metadata says)."""
+    return [t.content_id for t in _each(directory)]
+
+
+def find(directory: str | Path | None, content_id: str) -> Template | None:
+    """The template with `content_id` in `directory`, or None; its content is not checked
+    here (see `verify`)."""
+    return next((t for t in _each(directory) if t.content_id == content_id), None)

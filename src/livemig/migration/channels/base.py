@@ -35,6 +35,7 @@ class Role(enum.Enum):
     RETURN = "return"  # destination -> source, when MAIN cannot be read and written at once
     RESOLVE = "resolve"  # a later connection asking whether COMMIT arrived
     PAGES = "pages"  # source -> destination: page batches of one stream (`pages-N`)
+    TEMPLATE = "template"  # source -> destination: a template the destination lacks (TLM)
 
 
 class Channel(ABC):

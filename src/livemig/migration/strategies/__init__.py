@@ -7,9 +7,10 @@ from livemig.migration.strategies.base import Strategy
 from livemig.migration.strategies.handover import Handover
 from livemig.migration.strategies.precopy import PreCopy
 from livemig.migration.strategies.stopcopy import StopCopy
+from livemig.migration.strategies.tlm import TemplateAware
 
 REGISTRY: dict[Mode, type[Strategy]] = {Mode.PRECOPY: PreCopy, Mode.STOP_COPY: StopCopy,
-                                         Mode.HANDOVER: Handover}
+                                         Mode.HANDOVER: Handover, Mode.TLM: TemplateAware}
 
 
 def for_mode(mode: Mode) -> Strategy:

@@ -1,5 +1,6 @@
 """The strategy contract: the phases one driver (source.Source) runs for a migration.
 
+    offer         additions to the hello (TLM: the template ids the machine was cloned from)
     configure     extra CONFIG fields (how the destination makes RAM), fds sent with CONFIG
     live_copy     while the guest runs (nothing for stop-and-copy; rounds for pre-copy)
     final_pages   with the guest paused: which pages the last round sends
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from livemig.migration.hello import Hello
     from livemig.migration.source import Source
 
 
@@ -24,6 +26,9 @@ class Strategy(ABC):
     """One way of moving a machine; `name` is its `--mode`."""
 
     name: str
+
+    def offer(self, src: Source, proposal: Hello) -> None:  # noqa: B027 - most: nothing
+        """Before the hello: add to what the source proposes (TLM names its template)."""
 
     def configure(self, src: Source) -> tuple[dict[str, Any], list[int]]:
         """Before CONFIG goes: fields to add to it, and file descriptors to send with it."""
