@@ -1,0 +1,199 @@
+"""`livemig bench templates`: N clones of one template migrated at once, TLM against generic.
+
+A template is taken from an `idle` guest whose memory holds `fill` bytes of data (and, for
+the "busy" workload, that writes `touch` random pages of it a second). For each N, N clones
+of it run (`livemig run --template`), then all migrate at once to N `livemig listen`
+processes on this host: with TLM (`--mode tlm`, each destination holding a copy of the
+template in its `--templates` directory) and generically (pre-copy to plain listeners). Per
+group: total time (first migration asked to last one ended), downtime, bytes and pages sent,
+and the memory of the sources and of the destinations once the clones run there: the sum of
+the processes' PSS (`smaps_rollup`), the PSS of their guest RAM alone, and MemAvailable.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from livemig.bench.footprint import mem_available, ram_pss, rollup_pss
+from livemig.bench.procs import LIVEMIG, Proc, Procs
+from livemig.images import guest_image
+from livemig.migration import templates
+
+METHODS = ("tlm", "generic")
+SETTLE_S = 1.0  # after machines start or arrive, before memory is read
+
+
+@dataclass
+class ClonesSettings:
+    counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    mem: str = "512M"
+    fill: str = "300M"
+    workloads: dict[str, int] = field(default_factory=lambda: {"idle": 0, "busy": 200})
+
+
+def _template(procs: Procs, s: ClonesSettings, touch: int, name: str) -> templates.Template:
+    src = procs.machine(f"{name}-src", ["run", guest_image("idle"), "--mem", s.mem,
+                                        "--append", f"fill={s.fill} touch={touch}"])
+    path = procs.work / f"{name}-template"
+    res = subprocess.run([*LIVEMIG, "template", "save", src.control, str(path)],
+                         capture_output=True, text=True, timeout=300)
+    procs.stop(src)
+    if res.returncode != 0:
+        raise RuntimeError(f"template save failed: {res.stderr.strip()}")
+    return templates.load(path)
+
+
+def _held(procs: Procs, t: templates.Template, name: str) -> Path:
+    """A templates directory for the destinations, holding a copy of `t` (another file: the
+    destinations share no page cache with the sources)."""
+    d = procs.work / f"{name}-held"
+    d.mkdir()
+    subprocess.run(["cp", "-r", "--sparse=always", str(t.path), str(d / "t")], check=True)
+    return d
+
+
+def _memory(ps: list[Proc]) -> dict[str, int]:
+    return {"pss": sum(rollup_pss(p.pid) for p in ps), "ram_pss": sum(ram_pss(p.pid) for p in ps)}
+
+
+def one_group(procs: Procs, t: templates.Template, held: Path, n: int, method: str,
+              tag: str) -> dict[str, Any]:
+    """N clones of `t` migrated at once with `method`; the figures of the group."""
+    before = mem_available()
+    clones = [procs.machine(f"{tag}-c{i}", ["run", "--template", str(t.path)])
+              for i in range(n)]
+    time.sleep(SETTLE_S)
+    src_mem, with_sources = _memory(clones), mem_available()
+    extra = ("--templates", str(held)) if method == "tlm" else ()
+    dsts = [procs.listener(f"{tag}-d{i}", extra) for i in range(n)]
+    t0 = time.monotonic()
+    for c, d in zip(clones, dsts, strict=True):
+        procs.start_migration(c, d, "tlm" if method == "tlm" else "precopy")
+    stats = procs.finish_migrations(clones)
+    total_ms = (max(s["done_s"] for s in stats) - t0) * 1000
+    for c in clones:
+        c.popen.wait(30)
+    time.sleep(SETTLE_S)
+    dst_mem, after = _memory(dsts), mem_available()
+    for d in dsts:
+        procs.stop(d)
+    return {
+        "clones": n, "method": method, "total_ms": round(total_ms, 1),
+        "downtime_ms_max": round(max(s["downtime_ms"] for s in stats), 1),
+        "downtime_ms_mean": round(sum(s["downtime_ms"] for s in stats) / n, 1),
+        "bytes_sent": sum(s["bytes_sent"] for s in stats),
+        "pages_sent": sum(sum(s["pages"].values()) for s in stats),
+        "events": sorted({e["event"] for s in stats for e in s["events"]
+                          if e["event"].startswith("tlm:")}),
+        "source": src_mem, "destination": dst_mem,
+        "mem_available": {"before": before, "sources_running": with_sources,
+                          "after_migration": after},
+    }
+
+
+def run_clones_bench(s: ClonesSettings, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every workload, every N, both methods; returns the rows and the goals' verdicts."""
+    rows: list[dict[str, Any]] = []
+    for workload, touch in s.workloads.items():
+        procs = Procs(f"livemig-bench-tpl-{workload}-")
+        try:
+            t = _template(procs, s, touch, workload)
+            say(f"{workload}: template {t.content_id[:16]} with {t.data_pages} data pages")
+            held = _held(procs, t, workload)
+            for n in s.counts:
+                for method in METHODS:
+                    r = one_group(procs, t, held, n, method, f"{workload}-{method}-{n}")
+                    r |= {"workload": workload, "template_pages": t.data_pages}
+                    rows.append(r)
+                    say(f"{workload} N={n} {method:7s}: total {r['total_ms']:.0f} ms, downtime "
+                        f"max {r['downtime_ms_max']:.0f} ms, {r['bytes_sent'] / 2**20:.1f} MiB, "
+                        f"dst RAM PSS {r['destination']['ram_pss'] / 2**20:.0f} MiB "
+                        f"(src {r['source']['ram_pss'] / 2**20:.0f} MiB)")
+        finally:
+            procs.close()
+    return {"settings": asdict(s), "rows": rows, "goals": goals(rows)}
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's goals at the largest N of each workload: TLM bytes <= 0.15x and total
+    <= 0.3x generic; TLM destination footprint <= 1.05x the sources' (guest RAM PSS)."""
+    out = []
+    for workload in sorted({r["workload"] for r in rows}):
+        n = max(r["clones"] for r in rows if r["workload"] == workload)
+        by = {r["method"]: r for r in rows if r["workload"] == workload and r["clones"] == n}
+        if set(by) != set(METHODS):
+            continue
+        tlm, gen = by["tlm"], by["generic"]
+        checks = [
+            ("bytes TLM/generic", tlm["bytes_sent"] / max(gen["bytes_sent"], 1), 0.15),
+            ("total TLM/generic", tlm["total_ms"] / max(gen["total_ms"], 1e-9), 0.3),
+            ("dst/src RAM PSS (TLM)", tlm["destination"]["ram_pss"]
+             / max(tlm["source"]["ram_pss"], 1), 1.05),
+            ("dst/src process PSS (TLM)", tlm["destination"]["pss"]
+             / max(tlm["source"]["pss"], 1), 1.05),
+        ]
+        out += [{"workload": workload, "clones": n, "what": w, "ratio": round(v, 3),
+                 "goal": g, "met": v <= g} for w, v, g in checks]
+    return out
+
+
+def print_clones(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="templates: N clones migrated at once, TLM vs generic pre-copy")
+    for col in ("workload", "N", "method", "total ms", "downtime max ms", "MiB sent", "pages",
+                "src RAM PSS MiB", "dst RAM PSS MiB", "src PSS MiB", "dst PSS MiB",
+                "MemAvail drop MiB"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        drop = r["mem_available"]["before"] - r["mem_available"]["after_migration"]
+        t.add_row(r["workload"], str(r["clones"]), r["method"], f"{r['total_ms']:.0f}",
+                  f"{r['downtime_ms_max']:.0f}", f"{r['bytes_sent'] / 2**20:.1f}",
+                  str(r["pages_sent"]), _mib(r["source"]["ram_pss"]),
+                  _mib(r["destination"]["ram_pss"]), _mib(r["source"]["pss"]),
+                  _mib(r["destination"]["pss"]), f"{drop / 2**20:.0f}")
+    c = Console()
+    c.print(t)
+    print_goals(c, result["goals"])
+
+
+def print_goals(c: Any, gs: list[dict[str, Any]]) -> None:
+    for g in gs:
+        c.print(f"goal {g.get('workload', '')} N={g.get('clones', '')} {g['what']}: "
+                f"{g['ratio']} (goal <= {g['goal']}) {'met' if g['met'] else 'NOT MET'}")
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.0f}"
+
+
+def plot_clones(result: dict[str, Any], path: str) -> None:
+    """Bytes, total time and destination RAM PSS against N, TLM and generic, per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (key, label, scale), ax in zip(
+            [("bytes_sent", "MiB sent", 2**20), ("total_ms", "total time (ms)", 1),
+             ("dst_ram", "destination RAM PSS (MiB)", 2**20)], axes, strict=True):
+        for workload in sorted({r["workload"] for r in result["rows"]}):
+            for method in METHODS:
+                rs = [r for r in result["rows"]
+                      if r["workload"] == workload and r["method"] == method]
+                ys = [(r["destination"]["ram_pss"] if key == "dst_ram" else r[key]) / scale
+                      for r in rs]
+                ax.plot([r["clones"] for r in rs], ys, marker="o", label=f"{method} {workload}")
+        ax.set_xlabel("clones migrated at once")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
