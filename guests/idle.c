@@ -50,7 +50,12 @@ void wl_setup(void)
 /* CPU 0, on each wake-up: the random page writes due since the last one (touch= per second) */
 static void touch_pages(u64 *last, u64 tsc_per_s)
 {
-        u64 now = rdtsc(), due = (now - *last) * touch_rate / tsc_per_s;
+        u64 now = rdtsc();
+        if (now < *last || now - *last > tsc_per_s) {
+                *last = now;  /* the TSC jumped (a restored clone, a long pause): start over */
+                return;
+        }
+        u64 due = (now - *last) * touch_rate / tsc_per_s;
         if (!due)
                 return;
         *last = now;

@@ -149,9 +149,10 @@ def _png(path: str | None) -> None:
 @click.option("--touch", type=click.IntRange(1), default=200, show_default=True,
               help="pages a second a busy clone writes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--json-file", default=None, help="also write the JSON object to this file")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png")
 def templates_bench(counts: str, mem: str, fill: str, touch: int, as_json: bool,
-                    plot_path: str | None) -> None:
+                    json_file: str | None, plot_path: str | None) -> None:
     """N clones of one template migrated at once: TLM against generic pre-copy (idle clones,
     and busy ones writing --touch pages a second)."""
     from livemig.bench.clones import ClonesSettings, plot_clones, print_clones, run_clones_bench
@@ -163,10 +164,7 @@ def templates_bench(counts: str, mem: str, fill: str, touch: int, as_json: bool,
     if plot_path:
         plot_clones(result, plot_path)
         say(f"plot: {plot_path}")
-    if as_json:
-        click.echo(json.dumps(result, default=str))
-    else:
-        print_clones(result)
+    _emit(result, as_json, json_file, print_clones)
 
 
 @bench.command("local")
@@ -175,8 +173,9 @@ def templates_bench(counts: str, mem: str, fill: str, touch: int, as_json: bool,
               help="pages a second a busy machine writes")
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--json-file", default=None, help="also write the JSON object to this file")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png")
-def local_bench(sizes: str, touch: int, repeat: int, as_json: bool,
+def local_bench(sizes: str, touch: int, repeat: int, as_json: bool, json_file: str | None,
                 plot_path: str | None) -> None:
     """Same-host handover (RAM passed as memfds) against pre-copy over loopback TCP, idle and
     busy, with the host's memory at five moments."""
@@ -195,10 +194,17 @@ def local_bench(sizes: str, touch: int, repeat: int, as_json: bool,
     if plot_path:
         plot_local(result, plot_path)
         say(f"plot: {plot_path}")
+    _emit(result, as_json, json_file, print_local)
+
+
+def _emit(result: dict[str, Any], as_json: bool, json_file: str | None, table: Any) -> None:
+    if json_file is not None:
+        with open(json_file, "w") as f:
+            json.dump(result, f, default=str)
     if as_json:
         click.echo(json.dumps(result, default=str))
     else:
-        print_local(result)
+        table(result)
 
 
 def add_commands(cli: click.Group) -> None:

@@ -84,10 +84,15 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     except AddressError as e:
         raise BadInput(str(e).split(" (while attempting")[0]) from e
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
-    click.echo(f"livemig: listening for a migration on {where}", err=True)
     consoles = _Consoles(console)
     lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True),
                    templates_dir=templates_dir and os.path.abspath(templates_dir))
+    sound, bad = lst.check_templates()  # before taking migrations: none waits for the hashes
+    click.echo(f"livemig: listening for a migration on {where}", err=True)
+    if templates_dir is not None:
+        for why in bad:
+            click.echo(f"livemig: {why}", err=True)
+        click.echo(f"livemig: {sound} sound template(s) in {templates_dir}", err=True)
     lst.start()
     try:
         while (inc := lst.results.get()).machine is None:

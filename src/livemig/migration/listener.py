@@ -110,6 +110,19 @@ class Listener:
     def start(self) -> None:
         self._thread.start()
 
+    def check_templates(self) -> tuple[int, list[str]]:
+        """Hash the templates held here once, now, so that a migration mapping one need not
+        (a file changed since is hashed again then). Returns how many are sound, and why
+        each other one is not."""
+        sound, bad = 0, []
+        for t in templates.each(self.templates_dir):
+            try:
+                templates.verify(t)
+                sound += 1
+            except templates.TemplateError as e:
+                bad.append(str(e))
+        return sound, bad
+
     def close(self) -> None:
         self._closed = True
         try:

@@ -246,7 +246,7 @@ def of_machine(machine: contract.Machine) -> Template | None:
     return load(Path(b.path).parent)
 
 
-def _each(directory: str | Path | None) -> Iterator[Template]:
+def each(directory: str | Path | None) -> Iterator[Template]:
     """The readable templates in `directory` (each a subdirectory); others are skipped."""
     if directory is None or not Path(directory).is_dir():
         return
@@ -260,10 +260,10 @@ def _each(directory: str | Path | None) -> Iterator[Template]:
 
 def ids(directory: str | Path | None) -> list[str]:
     """The content ids of the templates in `directory` (as their metadata says)."""
-    return [t.content_id for t in _each(directory)]
+    return [t.content_id for t in each(directory)]
 
 
 def find(directory: str | Path | None, content_id: str) -> Template | None:
     """The template with `content_id` in `directory`, or None; its content is not checked
     here (see `verify`)."""
-    return next((t for t in _each(directory) if t.content_id == content_id), None)
+    return next((t for t in each(directory) if t.content_id == content_id), None)
