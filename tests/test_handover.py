@@ -141,3 +141,34 @@ def test_handover_to_a_process_dying_before_commit_leaves_the_source_running(
         if dst.poll() is None:
             dst.kill()
         dst.communicate(timeout=10)
+
+
+@pytest.mark.skipif(not kvm_usable(), reason="no usable KVM: x86 clones cannot run")
+def test_handover_of_a_clone_copies_only_its_deltas(machines, tmp_path: Path) -> None:
+    from livemig.migration import templates
+
+    src = machines(["run", image("verify"), "--mem", "256M", "--vcpus", "2", "--append",
+                    "wss=8M rate=20"], "src")
+    wait_ok(src)
+    assert run_cli("template", "save", src.control, str(tmp_path / "tpl")).returncode == 0
+    t = templates.load(tmp_path / "tpl")
+    clone = machines(["run", "--template", str(t.path)], "clone")
+    oks = wait_ok(clone)
+    path = str(tmp_path / "dst.mig")
+    dst = start_listener(tmp_path, [*LIVEMIG, "listen", "--unix", path, "--once", *AUTH,
+                                    "--console", "none", "--control", str(tmp_path / "d.sock")])
+    res = run_cli("migrate", clone.control, "--to", f"unix:{path}", *AUTH, "--json")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout)
+    events = [e["event"] for e in stats["events"]]
+    assert stats["status"] == "completed" and "handover-template" in events, stats
+    sent = sum(stats["pages"].values())
+    assert sent < t.data_pages // 2, (sent, t.data_pages)  # the deltas only
+    from livemig.control import request
+    ctl = str(tmp_path / "d.sock")
+    wait_for(lambda: request(ctl, "status")["probe"]["counts"]["ok"] >= 1, 60,
+             "a verify pass at the destination")
+    st = request(ctl, "status")
+    assert st["state"] == "running" and st["probe"]["counts"]["fail"] == 0, (st, oks)
+    request(ctl, "quit")
+    dst.wait(20)

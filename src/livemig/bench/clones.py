@@ -72,20 +72,23 @@ def one_group(procs: Procs, t: templates.Template, held: Path, n: int, method: s
     before = mem_available()
     clones = [procs.machine(f"{tag}-c{i}", ["run", "--template", str(t.path)])
               for i in range(n)]
-    time.sleep(SETTLE_S)
-    src_mem, with_sources = _memory(clones, t.memory_path), mem_available()
     extra = ("--templates", str(held)) if method == "tlm" else ()
     dsts = [procs.listener(f"{tag}-d{i}", extra) for i in range(n)]
+    time.sleep(SETTLE_S)
+    # Busy clones diverge from their template as they run: their memory is read right before
+    # they migrate, the destinations' right after.
+    src_mem, with_sources = _memory(clones, t.memory_path), mem_available()
     t0 = time.monotonic()
     for c, d in zip(clones, dsts, strict=True):
         procs.start_migration(c, d, "tlm" if method == "tlm" else "precopy")
     stats = procs.finish_migrations(clones)
     total_ms = (max(s["done_s"] for s in stats) - t0) * 1000
+    held_file = held / "t" / templates.MEMORY if method == "tlm" else None
+    dst_mem = _memory(dsts, held_file)
     for c in clones:
         c.popen.wait(30)
     time.sleep(SETTLE_S)
-    held_file = held / "t" / templates.MEMORY if method == "tlm" else None
-    dst_mem, after = _memory(dsts, held_file), mem_available()
+    after = mem_available()
     for d in dsts:
         procs.stop(d)
     return {

@@ -3,6 +3,10 @@ CONFIG record's "memory" field (absent: a fresh, zeroed memfd).
 
     {"kind": "handover", "fds": n}   the source's RAM memfds came with CONFIG (SCM_RIGHTS, a
                                      same-host handover): the machine adopts them
+    {"kind": "handover-template", "fds": 1, "id": hex, "path": str}
+                                     a clone's same-host handover: its template's memory file
+                                     came with CONFIG; it must be the file at `path` (which
+                                     is mapped copy-on-write) and hash to `id`
     {"kind": "template", "id": hex}  map the template with that content id, held in this
                                      destination's templates directory, copy-on-write (TLM);
                                      its content is checked against the id first
@@ -16,7 +20,7 @@ from livemig.contract import BackingKind, MemoryBacking
 from livemig.migration import hello, templates
 from livemig.migration.errors import MigrationError, ProtocolError
 from livemig.migration.session import Session
-from livemig.migration.strategies.handover import MEMORY_HANDOVER
+from livemig.migration.strategies.handover import MEMORY_HANDOVER, MEMORY_HANDOVER_TEMPLATE
 from livemig.migration.strategies.tlm import MEMORY_TEMPLATE
 
 MAX_RAM_FDS = 4
@@ -35,6 +39,10 @@ def incoming(memory: object, sess: Session, templates_dir: str | None = None) ->
             raise ProtocolError("CONFIG record: memory is not a map with a kind")
         if memory["kind"] == MEMORY_HANDOVER:
             return _adopt(memory, fds, sess)
+        if memory["kind"] == MEMORY_HANDOVER_TEMPLATE:
+            adopted = _adopt(memory, fds, sess).fds
+            fds = []  # _handed_template closes them, whatever happens
+            return _handed_template(memory, adopted)
         if fds:
             raise ProtocolError("file descriptors came with a CONFIG that asks for none")
         if memory["kind"] == MEMORY_TEMPLATE:
@@ -69,4 +77,27 @@ def _template(memory: dict, templates_dir: str | None) -> MemoryBacking:
         templates.verify(t)
     except templates.TemplateError as e:
         raise MigrationError(f"refusing {e}") from e
+    return t.backing()
+
+
+def _handed_template(memory: dict, fds: tuple[int, ...]) -> MemoryBacking:
+    """The template file a clone's handover sent: checked, then mapped by its path."""
+    try:
+        path = memory.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise ProtocolError("CONFIG record: a handed-over template needs its absolute path")
+        got, there = os.fstat(fds[0]), os.stat(path)
+        if (got.st_dev, got.st_ino) != (there.st_dev, there.st_ino):
+            raise ProtocolError(f"the template file handed over is not {path}")
+        t = templates.load(os.path.dirname(path))
+        if t.content_id != memory.get("id"):
+            raise MigrationError(f"template {t.path} is not the one the source named")
+        templates.verify(t)
+    except templates.TemplateError as e:
+        raise MigrationError(f"refusing {e}") from e
+    except OSError as e:
+        raise MigrationError(f"the handed-over template: {e.strerror or e}") from e
+    finally:
+        for fd in fds:
+            os.close(fd)
     return t.backing()
