@@ -4,8 +4,9 @@
  * aux = timer interrupts taken by all CPUs so far.
  *
  * `fill=SIZE` makes every page of a region of that size non-zero once at start (a machine
- * holding data, e.g. a template for clones); `touch=N` then has CPU 0 write N random pages of
- * that region per second (a small working set), on its timer ticks.
+ * holding data, e.g. a template for clones); `touch=N` then has CPU 0 write N random pages per
+ * second, on its timer ticks, among the first `touchset=SIZE` of that region (default: all of
+ * it; a small touchset is a small working set).
  */
 #include "rt.h"
 
@@ -16,7 +17,7 @@ static u64 hb_ms, lapic_hz;
 static u32 tick_count;
 static volatile u64 ticks;
 static volatile u8 *fill;
-static u64 fill_pages, touch_rate, rng = 0x9E3779B97F4A7C15UL;
+static u64 fill_pages, touch_pages_n, touch_rate, rng = 0x9E3779B97F4A7C15UL;
 
 static void on_tick(u32 cpu)
 {
@@ -41,7 +42,11 @@ void wl_setup(void)
                 for (u64 p = 0; p < fill_pages; p++)
                         *(volatile u64 *)(fill + p * PAGE_SIZE) = p * 0x100000001B3UL + 1;
                 touch_rate = param("touch", 0);
-                kprintf("idle info fill pages=%lu touch=%lu/s\n", fill_pages, touch_rate);
+                touch_pages_n = param("touchset", got) / PAGE_SIZE;
+                if (!touch_pages_n || touch_pages_n > fill_pages)
+                        touch_pages_n = fill_pages;
+                kprintf("idle info fill pages=%lu touch=%lu/s over %lu pages\n", fill_pages,
+                        touch_rate, touch_pages_n);
         }
         kprintf("idle info lapic_timer=%luMHz tick=%lums count=%u\n", lapic_hz / 1000000,
                 tick_ms, tick_count);
@@ -61,7 +66,7 @@ static void touch_pages(u64 *last, u64 tsc_per_s)
         *last = now;
         while (due--) {
                 rng = rng * 6364136223846793005UL + 1442695040888963407UL;
-                fill[(rng >> 33) % fill_pages * PAGE_SIZE + 8]++;
+                fill[(rng >> 33) % touch_pages_n * PAGE_SIZE + 8]++;
         }
 }
 

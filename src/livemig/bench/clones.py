@@ -1,7 +1,8 @@
 """`livemig bench templates`: N clones of one template migrated at once, TLM against generic.
 
 A template is taken from an `idle` guest whose memory holds `fill` bytes of data (and, for
-the "busy" workload, that writes `touch` random pages of it a second). For each N, N clones
+the "busy" workload, that writes `touch` random pages a second among the first `touchset`
+bytes of it: a small working set). For each N, N clones
 of it run (`livemig run --template`), then all migrate at once to N `livemig listen`
 processes on this host: with TLM (`--mode tlm`, each destination holding a copy of the
 template in its `--templates` directory) and generically (pre-copy to plain listeners). Per
@@ -33,12 +34,14 @@ class ClonesSettings:
     counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     mem: str = "512M"
     fill: str = "300M"
-    workloads: dict[str, int] = field(default_factory=lambda: {"idle": 0, "busy": 200})
+    # workload name: what the idle guest's command line adds to fill=
+    workloads: dict[str, str] = field(
+        default_factory=lambda: {"idle": "", "busy": "touch=200 touchset=16M"})
 
 
-def _template(procs: Procs, s: ClonesSettings, touch: int, name: str) -> templates.Template:
+def _template(procs: Procs, s: ClonesSettings, extra: str, name: str) -> templates.Template:
     src = procs.machine(f"{name}-src", ["run", guest_image("idle"), "--mem", s.mem,
-                                        "--append", f"fill={s.fill} touch={touch}"])
+                                        "--append", f"fill={s.fill} {extra}".strip()])
     path = procs.work / f"{name}-template"
     res = subprocess.run([*LIVEMIG, "template", "save", src.control, str(path)],
                          capture_output=True, text=True, timeout=300)
@@ -108,10 +111,10 @@ def one_group(procs: Procs, t: templates.Template, held: Path, n: int, method: s
 def run_clones_bench(s: ClonesSettings, say: Callable[[str], None]) -> dict[str, Any]:
     """Every workload, every N, both methods; returns the rows and the goals' verdicts."""
     rows: list[dict[str, Any]] = []
-    for workload, touch in s.workloads.items():
+    for workload, extra in s.workloads.items():
         procs = Procs(f"livemig-bench-tpl-{workload}-")
         try:
-            t = _template(procs, s, touch, workload)
+            t = _template(procs, s, extra, workload)
             say(f"{workload}: template {t.content_id[:16]} with {t.data_pages} data pages")
             held = _held(procs, t, workload)
             for n in s.counts:
@@ -144,11 +147,11 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ("total TLM/generic", tlm["total_ms"] / max(gen["total_ms"], 1e-9), 0.3),
             ("dst/src RAM footprint (TLM)", tlm["destination"]["footprint"]
              / max(tlm["source"]["footprint"], 1), 1.05),
-            ("dst/src process PSS (TLM)", tlm["destination"]["pss"]
-             / max(tlm["source"]["pss"], 1), 1.05),
+            ("dst/src process PSS (TLM; whole processes, not a goal)",
+             tlm["destination"]["pss"] / max(tlm["source"]["pss"], 1), None),
         ]
         out += [{"workload": workload, "clones": n, "what": w, "ratio": round(v, 3),
-                 "goal": g, "met": v <= g} for w, v, g in checks]
+                 "goal": g, "met": None if g is None else v <= g} for w, v, g in checks]
     return out
 
 
@@ -175,8 +178,10 @@ def print_clones(result: dict[str, Any]) -> None:
 
 def print_goals(c: Any, gs: list[dict[str, Any]]) -> None:
     for g in gs:
-        c.print(f"goal {g.get('workload', '')} N={g.get('clones', '')} {g['what']}: "
-                f"{g['ratio']} (goal <= {g['goal']}) {'met' if g['met'] else 'NOT MET'}")
+        verdict = ("" if g["goal"] is None
+                   else f" (goal <= {g['goal']}) {'met' if g['met'] else 'NOT MET'}")
+        c.print(f"{g.get('workload', '')} N={g.get('clones', '')} {g['what']}: "
+                f"{g['ratio']}{verdict}")
 
 
 def _mib(b: int) -> str:

@@ -148,18 +148,21 @@ def _png(path: str | None) -> None:
 @click.option("--fill", default="300M", show_default=True, help="data in the template")
 @click.option("--touch", type=click.IntRange(1), default=200, show_default=True,
               help="pages a second a busy clone writes")
+@click.option("--touchset", default="16M", show_default=True,
+              help="the busy clones' working set, where they write")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--json-file", default=None, help="also write the JSON object to this file")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png")
-def templates_bench(counts: str, mem: str, fill: str, touch: int, as_json: bool,
-                    json_file: str | None, plot_path: str | None) -> None:
+def templates_bench(counts: str, mem: str, fill: str, touch: int, touchset: str,
+                    as_json: bool, json_file: str | None, plot_path: str | None) -> None:
     """N clones of one template migrated at once: TLM against generic pre-copy (idle clones,
-    and busy ones writing --touch pages a second)."""
+    and busy ones writing --touch pages a second within --touchset)."""
     from livemig.bench.clones import ClonesSettings, plot_clones, print_clones, run_clones_bench
 
     _png(plot_path)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
-    s = ClonesSettings(_counts(counts), mem, fill, {"idle": 0, "busy": touch})
+    s = ClonesSettings(_counts(counts), mem, fill,
+                       {"idle": "", "busy": f"touch={touch} touchset={touchset}"})
     result = run_clones_bench(s, say)
     if plot_path:
         plot_clones(result, plot_path)
