@@ -354,6 +354,9 @@ class QemuMigrationConfig:
     # multifd_channels above, else QEMU's default). A build without it: `QemuUnsupportedError`.
     multifd_compression: str | None = None
     xbzrle_cache_size: int | None = None  # bytes; turns the xbzrle capability on
+    # x-ignore-shared on both sides: RAM on a shared memory backend (in extra_args) is not
+    # sent (QEMU's same-host migration, the baseline of livemig's handover).
+    ignore_shared: bool = False
     # Commands the source / destination QEMU run under (e.g. `ip netns exec NS`), and the
     # address the destination listens on (the destination namespace's, then).
     src_prefix: list[str] = field(default_factory=list)
@@ -546,6 +549,8 @@ def migration_settings(cfg: QemuMigrationConfig, side: str) -> tuple[dict[str, b
     """
     caps: dict[str, bool] = {}
     params: dict[str, Any] = {}
+    if cfg.ignore_shared:
+        caps["x-ignore-shared"] = True
     if cfg.multifd_channels is not None or cfg.multifd_compression is not None:
         caps["multifd"] = True
         if cfg.multifd_channels is not None:

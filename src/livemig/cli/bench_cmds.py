@@ -150,11 +150,14 @@ def _png(path: str | None) -> None:
               help="pages a second a busy clone writes")
 @click.option("--touchset", default="16M", show_default=True,
               help="the busy clones' working set, where they write")
+@click.option("--vs-qemu", is_flag=True, help="also QEMU migrating N ordinary guests of the "
+              "same size and data at once")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--json-file", default=None, help="also write the JSON object to this file")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png")
 def templates_bench(counts: str, mem: str, fill: str, touch: int, touchset: str,
-                    as_json: bool, json_file: str | None, plot_path: str | None) -> None:
+                    vs_qemu: bool, as_json: bool, json_file: str | None,
+                    plot_path: str | None) -> None:
     """N clones of one template migrated at once: TLM against generic pre-copy (idle clones,
     and busy ones writing --touch pages a second within --touchset)."""
     from livemig.bench.clones import ClonesSettings, plot_clones, print_clones, run_clones_bench
@@ -162,7 +165,7 @@ def templates_bench(counts: str, mem: str, fill: str, touch: int, touchset: str,
     _png(plot_path)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     s = ClonesSettings(_counts(counts), mem, fill,
-                       {"idle": "", "busy": f"touch={touch} touchset={touchset}"})
+                       {"idle": "", "busy": f"touch={touch} touchset={touchset}"}, vs_qemu)
     result = run_clones_bench(s, say)
     if plot_path:
         plot_clones(result, plot_path)
@@ -175,11 +178,13 @@ def templates_bench(counts: str, mem: str, fill: str, touch: int, touchset: str,
 @click.option("--touch", type=click.IntRange(1), default=5000, show_default=True,
               help="pages a second a busy machine writes")
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--vs-qemu", is_flag=True, help="also QEMU with x-ignore-shared on a shared "
+              "memory backend, same guest")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--json-file", default=None, help="also write the JSON object to this file")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png")
-def local_bench(sizes: str, touch: int, repeat: int, as_json: bool, json_file: str | None,
-                plot_path: str | None) -> None:
+def local_bench(sizes: str, touch: int, repeat: int, vs_qemu: bool, as_json: bool,
+                json_file: str | None, plot_path: str | None) -> None:
     """Same-host handover (RAM passed as memfds) against pre-copy over loopback TCP, idle and
     busy, with the host's memory at five moments."""
     from livemig.bench.local import LocalSettings, plot_local, print_local, run_local_bench
@@ -193,7 +198,8 @@ def local_bench(sizes: str, touch: int, repeat: int, as_json: bool, json_file: s
     except ValueError as e:
         raise BadInput(f"--sizes: {e}") from e
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
-    result = run_local_bench(LocalSettings(names, {"idle": 0, "busy": touch}, repeat), say)
+    result = run_local_bench(LocalSettings(names, {"idle": 0, "busy": touch}, repeat, vs_qemu),
+                             say)
     if plot_path:
         plot_local(result, plot_path)
         say(f"plot: {plot_path}")
