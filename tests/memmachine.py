@@ -46,6 +46,15 @@ class MemoryRam:
     def stop_dirty_log(self) -> None:
         self._logging = False
 
+    def data_pages(self) -> np.ndarray:
+        return np.ones(self.size // PAGE_SIZE, dtype=bool)
+
+    def template_deltas(self) -> np.ndarray | None:
+        return None
+
+    def hand_over(self) -> list[int]:
+        return []
+
     def write(self, idx: np.ndarray, value: int) -> None:
         """Fill pages `idx` with byte `value`, as a guest write (marks them dirty)."""
         self.pages[idx] = value

@@ -47,6 +47,28 @@ class Arch(enum.Enum):
     ARM64 = "arm64"
 
 
+class BackingKind(enum.Enum):
+    """Where a machine's RAM comes from."""
+
+    FRESH = "fresh"  # a new memfd, all zero
+    ADOPTED = "adopted"  # the memfd of another process's machine, handed over (SCM_RIGHTS)
+    TEMPLATE = "template"  # a template's memory file, mapped copy-on-write (private)
+
+
+@dataclass(frozen=True)
+class MemoryBacking:
+    """How to make a machine's RAM: a property of one process's machine, never serialised.
+
+    ADOPTED: `fds` are the RAM memfds another process sent (the machine takes them over and
+    shares them with that process, so it never frees their pages). TEMPLATE: `path` is a
+    template memory file of exactly the RAM size; pages the guest never writes stay the
+    file's, shared with every other machine mapping it."""
+
+    kind: BackingKind = BackingKind.FRESH
+    fds: tuple[int, ...] = ()
+    path: str = ""
+
+
 @dataclass
 class MachineConfig:
     """What a machine is made of: enough to build an identical, empty one elsewhere."""
@@ -57,6 +79,8 @@ class MachineConfig:
     image: str = ""
     cmdline: str = ""
     nics: list[str] = field(default_factory=list)  # MAC of each virtio-net NIC, in slot order
+    # How this process makes RAM (not part of what is sent: each side chooses its own).
+    backing: MemoryBacking = field(default_factory=MemoryBacking)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -177,6 +201,21 @@ class GuestMemory(Protocol):
         ...
 
     def stop_dirty_log(self) -> None: ...
+
+    def data_pages(self) -> np.ndarray:
+        """Bool per page: may hold non-zero data (False only where RAM was never written)."""
+        ...
+
+    def template_deltas(self) -> np.ndarray | None:
+        """Bool per page: no longer the template's (written since the machine was made from
+        it); None when RAM is not template-backed."""
+        ...
+
+    def hand_over(self) -> list[int]:
+        """The memfds holding RAM, for another process to map ([] when RAM cannot be handed
+        over, e.g. a private template mapping). From this call on, RAM is shared with that
+        process: `close` unmaps it but never frees its pages."""
+        ...
 
 
 @runtime_checkable

@@ -93,7 +93,7 @@ class Armv8Machine:
     def __init__(self, config: MachineConfig, console: Console = None) -> None:
         _check_config(config)
         self.config = config
-        self.memory = ArmMemory(config.mem_size)
+        self.memory = ArmMemory(config.mem_size, backing=config.backing)
         self.probe = ProbeLog()
         self.gic = Gic(config.vcpus, self._kick)
         self.uart = Pl011(config.vcpus, console,

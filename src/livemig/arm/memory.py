@@ -14,30 +14,29 @@ a write that lands after the comparison is found at the next fetch.
 from __future__ import annotations
 
 import ctypes
-import mmap
-import os
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, ConfigError
-from livemig.extents import data_pages
-from livemig.memfd import release
+from livemig.contract import PAGE_SIZE, ConfigError, MemoryBacking
+from livemig.extents import runs
+from livemig.ram import RamBacked, open_ram
 
 _CHUNK_PAGES = 1024  # 4 MiB per comparison step: stays in cache, keeps temporaries small
 
 
-class ArmMemory:
+class ArmMemory(RamBacked):
     """Guest RAM (GuestMemory): one MAP_SHARED memfd mapping, handed to unicorn by pointer."""
 
     page_size = PAGE_SIZE
 
-    def __init__(self, size: int, name: str = "livemig-arm-ram") -> None:
+    def __init__(self, size: int, name: str = "livemig-arm-ram",
+                 backing: MemoryBacking | None = None) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ConfigError(f"memory size {size} is not a positive multiple of {PAGE_SIZE}")
         self.size = size
-        self.fd: int | None = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._ram = open_ram(size, backing or MemoryBacking(), name)
+        self.fd: int | None = self._ram.fd
+        self._mm = self._ram.map
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._mm)
         self.pages = size // PAGE_SIZE
         self._words = np.frombuffer(self._mm, dtype=np.uint64).reshape(self.pages, PAGE_SIZE // 8)
@@ -83,11 +82,12 @@ class ArmMemory:
         A hole of the memfd (SEEK_HOLE) was never written since the machine was made, so it
         equals its shadow (zero) and need not be read.
         """
-        if self.fd is None:
+        if self._anchor is None:
             return []
         return [(lo, min(first + count, lo + _CHUNK_PAGES))
-                for first, count in data_pages(self.fd, self.size)
+                for first, count in runs(self._ram.data_mask())
                 for lo in range(first, first + count, _CHUNK_PAGES)]
+
 
     def stop_dirty_log(self) -> None:
         self._shadow = None
@@ -98,7 +98,5 @@ class ArmMemory:
         if self._anchor is not None:
             self._anchor = None
             del self._words
-            release(self._mm, self.fd, self.size)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            self._ram.close()
+        self.fd = None

@@ -366,6 +366,9 @@ class QemuMigrationConfig:
     # as pre-copy when what is left fits the downtime limit before it switches; the result's
     # ``mode`` says which happened.
     postcopy_after: int | None = None
+    # x-ignore-shared on both sides: RAM on a shared memory backend (in extra_args) is not
+    # sent (QEMU's same-host migration, the baseline of livemig's handover).
+    ignore_shared: bool = False
     # Commands the source / destination QEMU run under (e.g. `ip netns exec NS`), and the
     # address the destination listens on (the destination namespace's, then).
     src_prefix: list[str] = field(default_factory=list)
@@ -588,6 +591,8 @@ def migration_settings(cfg: QemuMigrationConfig, side: str) -> tuple[dict[str, b
         caps["postcopy-ram"] = True
         if side == "dest":
             caps["postcopy-blocktime"] = True
+    if cfg.ignore_shared:
+        caps["x-ignore-shared"] = True
     if cfg.multifd_channels is not None or cfg.multifd_compression is not None:
         caps["multifd"] = True
         if cfg.multifd_channels is not None:

@@ -213,5 +213,95 @@ def _plot(result: dict[str, Any], path: str | None, say: Any) -> None:
     say(f"plot: {path} ({n} livemig run{'s' if n != 1 else ''})")
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError as e:
+        raise BadInput(f"expected numbers separated by commas, got {text!r}") from e
+    if not out or any(not 1 <= n <= 32 for n in out):
+        raise BadInput(f"counts must be 1..32, got {text!r}")
+    return out
+
+
+def _png(path: str | None) -> None:
+    if path is not None and not path.lower().endswith(".png"):
+        raise BadInput(f"--plot writes a PNG: {path!r} does not end in .png")
+
+
+@bench.command("templates")
+@click.option("--clones", "counts", default="1,2,4,8", show_default=True,
+              help="numbers of clones migrated at once")
+@click.option("--mem", default="512M", show_default=True, help="RAM of each clone")
+@click.option("--fill", default="300M", show_default=True, help="data in the template")
+@click.option("--touch", type=click.IntRange(1), default=200, show_default=True,
+              help="pages a second a busy clone writes")
+@click.option("--touchset", default="16M", show_default=True,
+              help="the busy clones' working set, where they write")
+@click.option("--vs-qemu", is_flag=True, help="also QEMU migrating N ordinary guests of the "
+              "same size and data at once")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--json-file", default=None, help="also write the JSON object to this file")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png")
+def templates_bench(counts: str, mem: str, fill: str, touch: int, touchset: str,
+                    vs_qemu: bool, as_json: bool, json_file: str | None,
+                    plot_path: str | None) -> None:
+    """N clones of one template migrated at once: TLM against generic pre-copy (idle clones,
+    and busy ones writing --touch pages a second within --touchset)."""
+    from livemig.bench.clones import ClonesSettings, plot_clones, print_clones, run_clones_bench
+
+    _png(plot_path)
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    s = ClonesSettings(_counts(counts), mem, fill,
+                       {"idle": "", "busy": f"touch={touch} touchset={touchset}"}, vs_qemu)
+    result = run_clones_bench(s, say)
+    if plot_path:
+        plot_clones(result, plot_path)
+        say(f"plot: {plot_path}")
+    _emit(result, as_json, json_file, print_clones)
+
+
+@bench.command("local")
+@click.option("--sizes", default="1G,4G", show_default=True, help="machine sizes")
+@click.option("--touch", type=click.IntRange(1), default=5000, show_default=True,
+              help="pages a second a busy machine writes")
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--vs-qemu", is_flag=True, help="also QEMU with x-ignore-shared on a shared "
+              "memory backend, same guest")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--json-file", default=None, help="also write the JSON object to this file")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png")
+def local_bench(sizes: str, touch: int, repeat: int, vs_qemu: bool, as_json: bool,
+                json_file: str | None, plot_path: str | None) -> None:
+    """Same-host handover (RAM passed as memfds) against pre-copy over loopback TCP, idle and
+    busy, with the host's memory at five moments."""
+    from livemig.bench.local import LocalSettings, plot_local, print_local, run_local_bench
+    from livemig.units import parse_size
+
+    _png(plot_path)
+    names = [x.strip() for x in sizes.split(",") if x.strip()]
+    try:
+        for n in names:
+            parse_size(n)
+    except ValueError as e:
+        raise BadInput(f"--sizes: {e}") from e
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    result = run_local_bench(LocalSettings(names, {"idle": 0, "busy": touch}, repeat, vs_qemu),
+                             say)
+    if plot_path:
+        plot_local(result, plot_path)
+        say(f"plot: {plot_path}")
+    _emit(result, as_json, json_file, print_local)
+
+
+def _emit(result: dict[str, Any], as_json: bool, json_file: str | None, table: Any) -> None:
+    if json_file is not None:
+        with open(json_file, "w") as f:
+            json.dump(result, f, default=str)
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        table(result)
+
+
 def add_commands(cli: click.Group) -> None:
     cli.add_command(bench)

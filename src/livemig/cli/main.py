@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from livemig import snapshot
-from livemig.cli import bench_cmds, credential_cmds, demo, migrate_cmds, netlab_cmds
+from livemig.cli import (
+    bench_cmds,
+    credential_cmds,
+    demo,
+    migrate_cmds,
+    netlab_cmds,
+    template_cmds,
+)
 from livemig.cli.options import (
     ARCH,
     CONTROL_HELP,
@@ -38,18 +45,28 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", required=False)
+@click.option("--template", "template", default=None,
+              help="start a clone of this template (RAM maps it copy-on-write) instead of IMAGE")
 @click.option("--mem", type=SIZE, default="256M", show_default=True,
               help=f"guest RAM ({SIZE_HELP})")
-@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, 64), default=None, help="vCPUs [1]")
 @click.option("--append", "cmdline", default="", help="guest command line, e.g. 'wss=100M'")
 @click.option("--arch", type=ARCH, default="x86_64", show_default=True)
 @click.option("--console", default="-", help="'-' (stdout), a file, unix:PATH or tcp:HOST:PORT")
 @click.option("--control", default=None, help=CONTROL_HELP)
 @click.option("--net", "nets", type=NET, multiple=True, help=NET_HELP)
-def run(image: str, mem: int, vcpus: int, cmdline: str, arch: str, console: str,
-        control: str | None, nets: tuple[NetSpec, ...]) -> None:
-    """Run a machine in the foreground; Ctrl-C stops it."""
+def run(image: str | None, template: str | None, mem: int, vcpus: int | None, cmdline: str,
+        arch: str, console: str, control: str | None, nets: tuple[NetSpec, ...]) -> None:
+    """Run a machine in the foreground (IMAGE, or a clone of --template); Ctrl-C stops it."""
+    if template is not None or image is None:
+        if template is None or image is not None:
+            raise click.UsageError("give either IMAGE or --template PATH")
+        if nets:
+            raise click.UsageError("--net is not available for a clone of a template yet")
+        template_cmds.run_clone(template, vcpus, console, control)
+        return
+    vcpus = vcpus or 1
     if os.path.isdir(image):
         raise ImageError(f"guest image {image} is a directory")
     if not os.path.isfile(image):
@@ -120,7 +137,7 @@ def restore(file: str, console: str, control: str | None, nets: tuple[NetSpec, .
     host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, netlab_cmds):
+for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, netlab_cmds, template_cmds):
     _module.add_commands(cli)
 
 

@@ -4,6 +4,7 @@ migration (`migrate`, `query-migrate`, `migrate-cancel`) is in `migration_contro
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -75,11 +76,17 @@ def _address(host: str, port: int | None, unix: str | None) -> Address:
 @click.option("--once", is_flag=True, help="exit after a failed attempt instead of waiting again")
 @click.option("--net", "nets", type=NET, multiple=True,
               help="host TAP for each NIC of the incoming machine: tap=NAME (repeatable)")
+@click.option("--templates", "templates_dir", default=None,
+              help="directory of templates held here: a clone of one of them migrates in "
+              "sending only its own pages (--mode tlm)")
 @security_options
 def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
                control: str | None, once: bool, nets: tuple[NetSpec, ...],
+               templates_dir: str | None,
                key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
+    if templates_dir is not None and not os.path.isdir(templates_dir):
+        raise BadInput(f"--templates {templates_dir}: not a directory")
     control = prepare_control_path(control)
     sec = build_security(key_file, tls_dir, insecure)
     addr = _address(host, port, unix)
@@ -89,9 +96,15 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     except AddressError as e:
         raise BadInput(str(e).split(" (while attempting")[0]) from e
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
-    click.echo(f"livemig: listening for a migration on {where}", err=True)
     consoles = _Consoles(console, [n.tap for n in nets])
-    lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True))
+    lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True),
+                   templates_dir=templates_dir and os.path.abspath(templates_dir))
+    sound, bad = lst.check_templates()  # before taking migrations: none waits for the hashes
+    click.echo(f"livemig: listening for a migration on {where}", err=True)
+    if templates_dir is not None:
+        for why in bad:
+            click.echo(f"livemig: {why}", err=True)
+        click.echo(f"livemig: {sound} sound template(s) in {templates_dir}", err=True)
     lst.start()
     try:
         while (inc := lst.results.get()).machine is None:
@@ -184,8 +197,9 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.command("migrate")
 @click.argument("socket_path", metavar="SOCKET")
 @click.option("--to", "target", required=True, help="destination HOST:PORT (livemig listen)")
-@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="precopy",
-              show_default=True)
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None,
+              help="strategy [handover for --to unix:PATH (RAM passed as memfds to a livemig "
+              "on this host), else precopy]")
 @click.option("--max-downtime", "max_downtime", type=float, default=300.0, show_default=True,
               help="target downtime in ms")
 @click.option("--max-bandwidth", "max_bandwidth", type=RATE, default=None,
@@ -214,18 +228,22 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
 @click.option("--soft-net/--no-soft-net", "soft_net", default=True, show_default=True,
               help="forward frames that reach the old host after the switch-over to the new "
               "one (off: the destination only announces the guest, as QEMU)")
+@click.option("--ship-template", "ship_template", is_flag=True, help="--mode tlm: if the "
+              "destination lacks the clone's template, send it first (else migrate generically)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @security_options
-def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
+def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: float,
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
                 hold_hot_k: int, hold_hot_n: int, postcopy_after: int | None, soft_net: bool,
-                as_json: bool,
+                ship_template: bool, as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
     unix:PATH)."""
     check_target(target)
+    if mode is None:
+        mode = Mode.HANDOVER.value if target.startswith("unix:") else Mode.PRECOPY.value
     auth = security_request(key_file, tls_dir, insecure)
     reply = request(socket_path, "migrate", to=target, mode=mode, max_downtime_ms=max_downtime,
                     max_bandwidth=max_bandwidth, max_rounds=max_rounds,
@@ -233,7 +251,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str, max_downtime: float,
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
                     hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
-                    postcopy_after=postcopy_after, soft_net=soft_net, **auth)
+                    postcopy_after=postcopy_after, soft_net=soft_net,
+                    ship_template=ship_template, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))
     _finish(socket_path, as_json)

@@ -195,6 +195,7 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         if req.get("commit_timeout_s") is not None:
             opts.commit_timeout_s = float(req["commit_timeout_s"])
         _wire_options(opts, req)
+        opts.ship_template = bool(req.get("ship_template", False))
         opts.hold_hot = bool(req.get("hold_hot", False))
         opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
         opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))
@@ -241,6 +242,9 @@ def register_migration_controls(host: MachineHost) -> None:
     host.control.register("migrate-resolve", mc.do_resolve)
     host.control.register("migrate-recover", mc.do_recover)
     host.control.register("migrate-start-postcopy", mc.do_start_postcopy)
+    from livemig.cli.template_cmds import register_template_controls
+
+    register_template_controls(host)
 
 
 def outcome_line(q: dict[str, Any]) -> str:

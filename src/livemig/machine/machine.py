@@ -55,7 +55,7 @@ class KvmMachine:
         opened: list[Tap] = []
         try:  # TAPs first: a host that cannot give them costs nothing else
             opened += [Tap(t) for t in taps]
-            self.memory = GuestRam(config.mem_size)
+            self.memory = GuestRam(config.mem_size, config.backing)
         except BaseException:
             for t in opened:
                 t.close()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import mmap
-import os
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from livemig.contract import PAGE_SIZE, ConfigError
+from livemig.contract import PAGE_SIZE, BackingKind, ConfigError, MemoryBacking
 from livemig.kvm import Vm
-from livemig.memfd import release
+from livemig.ram import RamBacked, host_address, open_ram
 
 LOW_MEM_END = 3 << 30  # RAM above this guest-physical address moves above 4 GiB
 HIGH_MEM_START = 4 << 30
@@ -55,28 +53,29 @@ def layout(size: int) -> list[Slot]:
     return slots
 
 
-class GuestRam:
+class GuestRam(RamBacked):
     """memfd-backed RAM implementing the GuestMemory contract for a KVM machine."""
 
     page_size = PAGE_SIZE
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, backing: MemoryBacking | None = None) -> None:
+        backing = backing or MemoryBacking()
         if size <= 0 or size % (2 << 20):
             raise ConfigError(f"memory size {size} is not a positive multiple of 2 MiB")
         if size < 16 << 20:
             raise ConfigError("memory size must be at least 16 MiB")
         avail = host_available_bytes()
-        if size > avail:
+        if backing.kind is BackingKind.FRESH and size > avail:
             raise ConfigError(
                 f"memory size {size >> 20} MiB is more than this host can give "
                 f"({avail >> 20} MiB available)"
             )
         self.size = size
         self.slots = layout(size)
-        self.fd: int | None = os.memfd_create("livemig-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._ram = open_ram(size, backing, "livemig-ram")
+        self.fd: int | None = self._ram.fd
+        self._map = self._ram.map
+        self.host_addr = host_address(self._map)
         self._vm: Vm | None = None
         self._logging = False
         self._host_dirty = np.zeros(size // PAGE_SIZE, dtype=bool)
@@ -147,9 +146,9 @@ class GuestRam:
             self._register(log_dirty=False)
         self._logging = False
 
+
     def close(self) -> None:
-        """Give RAM back to the host, even while a view of it is still alive somewhere."""
-        release(self._map, self.fd, self.size)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Give RAM back to the host (unless another process shares it), even while a view
+        of it is still alive somewhere."""
+        self._ram.close()
+        self.fd = None

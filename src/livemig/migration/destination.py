@@ -32,6 +32,7 @@ import numpy as np
 
 from livemig.contract import (
     PAGE_SIZE,
+    BackingKind,
     Machine,
     MachineConfig,
     MachineError,
@@ -39,7 +40,7 @@ from livemig.contract import (
     hold_device_ram,
     net_ports,
 )
-from livemig.migration import handshake, hello, records, scan
+from livemig.migration import backing, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -104,8 +105,10 @@ class Destination:
     def __init__(self, sess: Session, build: Callable[[MachineConfig], Machine],
                  outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT,
                  join: Callable[[str, float], Channel] | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> None:
+                 log: Callable[[str], None] = lambda s: None,
+                 templates_dir: str | None = None) -> None:
         self.sess = sess
+        self.templates_dir = templates_dir  # where TLM finds templates by content id
         # Takes an extra connection of the session by label (page streams, urgent, recover)
         # within the timeout given.
         self.join = join
@@ -232,8 +235,11 @@ class Destination:
         postcopy = d.get("postcopy") is True
         if postcopy and (self.join is None or hello.FEATURE_POSTCOPY not in self.sess.features):
             raise ProtocolError("post-copy was not negotiated")
+        cfg.backing = backing.incoming(d.get("memory"), self.sess, self.templates_dir)
         self.machine = self.build(cfg)
-        if not postcopy:  # post-copy pages are installed by userfaultfd, into holes
+        # Post-copy pages are installed by userfaultfd, into holes; other backings hold their
+        # data already.
+        if not postcopy and cfg.backing.kind is BackingKind.FRESH:
             self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.placer = pages_mod.RamPlacer(self.ram)

@@ -6,7 +6,10 @@ HELLO payload (source -> destination), WELCOME payload (destination -> source):
     u16      lowest protocol version the sender speaks (WELCOME: chosen version)
     u16      highest protocol version the sender speaks (WELCOME: chosen version again)
     msgpack  {"features": [str], "encodings": [str], "software": str, "role": str,
-              "session": bytes or nil, "nonce": bytes, "auth": [str]}
+              "session": bytes or nil, "nonce": bytes, "auth": [str], "templates": [str]}
+
+"templates" (optional): in HELLO the content ids of the templates the machine was cloned from
+(template-aware migration); in WELCOME those of them the destination holds.
 
 The fixed prefix never changes, so two livemig of any version can tell each other apart. The
 destination picks the highest common version and answers with the features and page
@@ -34,8 +37,10 @@ FEATURE_REPORT = "report"  # destination sends REPORT after RUNNING
 FEATURE_STREAMS = "streams"  # PAGES may come on extra connections `pages-N` (--streams)
 FEATURE_POSTCOPY = "postcopy"  # post-copy: urgent connection, page requests, recovery
 FEATURE_NET = "net-forward"  # frames forwarded after COMMIT on a `net` connection (--soft-net)
+FEATURE_HANDOVER = "fd-handover"  # RAM memfds travel with CONFIG (same host, unix socket)
+MAX_TEMPLATES = 16  # template ids a hello may name
 KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS,
-                  FEATURE_POSTCOPY, FEATURE_NET)
+                  FEATURE_POSTCOPY, FEATURE_NET, FEATURE_HANDOVER)
 
 
 @dataclass
@@ -56,11 +61,14 @@ class Hello:
     session: bytes | None = None
     nonce: bytes = b""
     auth: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
         body = {"features": self.features, "encodings": self.encodings, "software": self.software,
                 "role": self.role, "session": self.session, "nonce": self.nonce,
                 "auth": self.auth}
+        if self.templates:
+            body["templates"] = self.templates
         return _PREFIX.pack(HELLO_MAGIC, self.min_version, self.max_version) + msgpack.packb(
             body, use_bin_type=True)
 
@@ -81,11 +89,12 @@ class Hello:
             session = body.get("session")
             nonce = body.get("nonce", b"")
             auth = [str(a) for a in body.get("auth", [])]
+            templates = [str(t) for t in body.get("templates", [])][:MAX_TEMPLATES]
         except Exception as e:
             raise ProtocolError(f"malformed hello body: {e}") from e
         if not isinstance(nonce, bytes) or not isinstance(session, bytes | None):
             raise ProtocolError("malformed hello body: nonce and session must be byte strings")
-        return cls(lo, hi, feats, encs, soft, role, session, nonce, auth)
+        return cls(lo, hi, feats, encs, soft, role, session, nonce, auth, templates)
 
 
 def choose(offer: Hello, mine: Hello) -> Hello:
@@ -99,7 +108,9 @@ def choose(offer: Hello, mine: Hello) -> Hello:
         )
     feats = [f for f in offer.features if f in mine.features]
     encs = [e for e in offer.encodings if e in mine.encodings]
-    return Hello(hi, hi, feats, encs, mine.software, offer.role, offer.session)
+    held = [t for t in offer.templates if t in mine.templates]
+    return Hello(hi, hi, feats, encs, mine.software, offer.role, offer.session,
+                 templates=held)
 
 
 def check_welcome(welcome: Hello, offer: Hello) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livemig.contract import Machine, MachineConfig
-from livemig.migration import handshake, hello, resolve
+from livemig.migration import handshake, hello, records, resolve, template_ship, templates
 from livemig.migration.channels import Channel, Role, SocketChannel, TlsChannel
 from livemig.migration.channels.base import close_socket
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -29,7 +29,7 @@ from livemig.migration.errors import MigrationError, ProtocolError
 from livemig.migration.security import Security
 from livemig.migration.session import Session
 from livemig.migration.stats import MigrationStats
-from livemig.migration.wire import MAX_PAYLOAD
+from livemig.migration.wire import MAX_PAYLOAD, RecordType
 
 HELLO_TIMEOUT = 10.0
 HELLO_LIMIT = 64 << 10
@@ -87,8 +87,10 @@ class Listener:
     def __init__(self, srv: socket.socket, security: Security,
                  build: Callable[[MachineConfig], Machine],
                  log: Callable[[str], None] = lambda s: None,
-                 hello_timeout: float = HELLO_TIMEOUT, max_pending: int = MAX_PENDING) -> None:
+                 hello_timeout: float = HELLO_TIMEOUT, max_pending: int = MAX_PENDING,
+                 templates_dir: str | None = None) -> None:
         self.srv = srv
+        self.templates_dir = templates_dir  # templates held here, for TLM (listen --templates)
         self.security = security
         self.build = build
         self.log = log
@@ -109,6 +111,19 @@ class Listener:
 
     def start(self) -> None:
         self._thread.start()
+
+    def check_templates(self) -> tuple[int, list[str]]:
+        """Hash the templates held here once, now, so that a migration mapping one need not
+        (a file changed since is hashed again then). Returns how many are sound, and why
+        each other one is not."""
+        sound, bad = 0, []
+        for t in templates.each(self.templates_dir):
+            try:
+                templates.verify(t)
+                sound += 1
+            except templates.TemplateError as e:
+                bad.append(str(e))
+        return sound, bad
 
     def close(self) -> None:
         self._closed = True
@@ -150,7 +165,8 @@ class Listener:
         try:
             deadline = time.monotonic() + self.hello_timeout
             chan = self._wrap(conn, deadline)
-            mine = hello.Hello(encodings=list(SUPPORTED))
+            mine = hello.Hello(encodings=list(SUPPORTED),
+                               templates=templates.ids(self.templates_dir))
             try:
                 offer, chosen = handshake.server(chan, mine, self.security, deadline)
             except MigrationError as e:
@@ -193,10 +209,28 @@ class Listener:
                 chan.close()
                 raise ProtocolError(f"a {offer.role} connection for no migration in progress")
             active.put(offer.role, chan)
+        elif offer.role == Role.TEMPLATE.value:
+            self._template(chan, chosen.session, peer)
         elif offer.role == Role.RESOLVE.value:
             self._resolve(chan, chosen.session, peer)
         else:
             refuse(chan, ProtocolError(f"unknown connection role {offer.role!r}"))
+            chan.close()
+
+    def _template(self, chan: Channel, session: bytes, peer: str) -> None:
+        """Take a template shipped for a migration in progress (TLM --ship-template)."""
+        try:
+            with self._lock:
+                if session not in self._active:
+                    raise ProtocolError("a template connection for no migration in progress")
+            t = template_ship.receive(chan, self.templates_dir)
+            chan.send(RecordType.ROUND_ACK, records.pack({"round": 0}),
+                      deadline=time.monotonic() + HELLO_TIMEOUT)
+            self.log(f"template {t.content_id[:16]} received from {peer}")
+        except MigrationError as e:
+            self.log(f"refused a template from {peer}: {e}")
+            refuse(chan, e)
+        finally:
             chan.close()
 
     def _resolve(self, chan: Channel, session: bytes, peer: str) -> None:
@@ -228,7 +262,8 @@ class Listener:
             back = chan if chan.duplex else active.take(Role.RETURN.value, JOIN_TIMEOUT)
             sess = Session(chosen.session, chosen.min_version, chosen.features,
                            CodecSet(chosen.encodings), chan, back, self.security.describe())
-            dest = Destination(sess, self.build, self.outcomes, join=active.take, log=self.log)
+            dest = Destination(sess, self.build, self.outcomes, join=active.take, log=self.log,
+                               templates_dir=self.templates_dir)
             try:
                 machine, stats = dest.run()
             except MigrationError as e:

@@ -20,6 +20,8 @@ class Mode(enum.Enum):
     def postcopy(self) -> bool:
         """Whether the guest runs at the destination before all its memory is there."""
         return self in (Mode.POSTCOPY, Mode.HYBRID)
+    HANDOVER = "handover"  # same host: RAM memfds handed over, only state sent
+    TLM = "tlm"  # template-aware pre-copy: a clone sends only its pages not the template's
 
 
 @dataclass
@@ -56,6 +58,8 @@ class MigrationOptions:
     # Soft network handover (migration/netforward.py): frames reaching the old place after
     # the switch-over are forwarded to the new one; off: announce only, as QEMU.
     soft_net: bool = True
+    # TLM, when the destination lacks the template: send it first (else migrate generically).
+    ship_template: bool = False
 
     def switchover_limit_s(self) -> float:
         """How long the guest may stay paused before READY: past it the source aborts and

@@ -7,30 +7,20 @@ SEEK_DATA / SEEK_HOLE lists the ranges that hold data; holes read as zeroes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, GuestMemory
-from livemig.extents import data_pages, runs
+from livemig.extents import runs
 
 
 def populated(memory: GuestMemory) -> np.ndarray:
-    """Bool per page: may hold non-zero data (True everywhere when RAM has no usable fd)."""
-    npages = memory.size // PAGE_SIZE
-    fd = memory.fd
-    if fd is None:
-        return np.ones(npages, dtype=bool)
+    """Bool per page: may hold non-zero data (True everywhere when that cannot be known)."""
     try:
-        if os.fstat(fd).st_size < memory.size:
-            return np.ones(npages, dtype=bool)
-        out = np.zeros(npages, dtype=bool)
-        for first, count in data_pages(fd, memory.size):
-            out[first : first + count] = True
-        return out
+        return memory.data_pages()
     except OSError:
-        return np.ones(npages, dtype=bool)
+        return np.ones(memory.size // PAGE_SIZE, dtype=bool)
 
 
 def iter_nonzero(

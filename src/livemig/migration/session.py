@@ -15,7 +15,7 @@ from livemig.migration import hello as hello_mod
 from livemig.migration.channels import Channel, Role
 from livemig.migration.codecs import SUPPORTED, CodecSet, offered
 from livemig.migration.errors import ProtocolError
-from livemig.migration.options import MigrationOptions
+from livemig.migration.options import MigrationOptions, Mode
 from livemig.migration.security import Security
 from livemig.migration.stats import MigrationStats
 from livemig.migration.wire import RecordType
@@ -37,6 +37,7 @@ class Session:
     stats: MigrationStats = field(default_factory=MigrationStats)
     pages: list[Channel] = field(default_factory=list)  # page streams (`--streams N`)
     urgent: Channel | None = None  # post-copy: pages that faults asked for
+    templates: list[str] = field(default_factory=list)  # ids the destination holds (WELCOME)
 
     def channels(self) -> list[Channel]:
         out: list[Channel] = []
@@ -59,6 +60,8 @@ def offer(opts: MigrationOptions) -> hello_mod.Hello:
     o = hello_mod.Hello(encodings=offered(opts))
     if not opts.verify_memory:
         o.features.remove(hello_mod.FEATURE_VERIFY)
+    if opts.mode is not Mode.HANDOVER:
+        o.features.remove(hello_mod.FEATURE_HANDOVER)
     return o
 
 
@@ -73,6 +76,7 @@ def open_source(main: Channel, sec: Security, proposal: hello_mod.Hello,
     sid = welcome.session or b""
     sess = Session(sid, welcome.min_version, welcome.features, codecs, main, main,
                    sec.describe())
+    sess.templates = [t for t in welcome.templates if t in proposal.templates]
     if not main.duplex:
         if redial is None:
             raise ProtocolError(f"a {main.kind} session needs a return connection")

@@ -227,6 +227,7 @@ class Source:
 
     def _negotiate(self) -> None:
         proposal = session.offer(self.opts)
+        self.strategy.offer(self, proposal)
         deadline = time.monotonic() + HELLO_TIMEOUT
         if self.to_file and self.strategy.postcopy:
             raise MigrationError("a snapshot cannot be taken with post-copy")
@@ -262,7 +263,13 @@ class Source:
         soft_net = self._soft_net()
         if soft_net:
             cfg["net"] = True
-        self.send(RecordType.CONFIG, records.pack(cfg))
+        extra, fds = self.strategy.configure(self)
+        cfg |= extra
+        if fds:  # the machine's RAM itself, to a process on this host
+            self.stats.bytes_sent += self.main.send_with_fds(RecordType.CONFIG,
+                                                             records.pack(cfg), fds=fds)
+        else:
+            self.send(RecordType.CONFIG, records.pack(cfg))
         self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()

@@ -38,6 +38,7 @@ class Role(enum.Enum):
     URGENT = "urgent"  # source -> destination, post-copy: the pages faults asked for
     RECOVER = "recover"  # source -> destination: replaces MAIN of a broken post-copy
     NET = "net"  # source -> destination after COMMIT: frames forwarded (soft handover)
+    TEMPLATE = "template"  # source -> destination: a template the destination lacks (TLM)
 
 
 class Channel(ABC):
@@ -79,6 +80,15 @@ class Channel(ABC):
             self.bytes_sent += n
             self.records_sent += 1
         return n
+
+    def send_with_fds(self, rtype: RecordType, *parts: bytes | memoryview,
+                      fds: list[int], deadline: float | None = None) -> int:
+        """Send one record carrying file descriptors: only unix socket channels can."""
+        raise TypeError(f"a {self.kind} channel cannot carry file descriptors")
+
+    def take_fds(self) -> list[int]:
+        """File descriptors the peer sent, now the caller's ([] for kinds that carry none)."""
+        return []
 
     def read(self, deadline: float | None = None) -> Record:
         """The next record (payload valid until the next read)."""

@@ -1,5 +1,7 @@
 """The strategy contract: the phases one driver (source.Source) runs for a migration.
 
+    offer         additions to the hello (TLM: the template ids the machine was cloned from)
+    configure     extra CONFIG fields (how the destination makes RAM), fds sent with CONFIG
     live_copy     while the guest runs (nothing for stop-and-copy; rounds for pre-copy)
     final_pages   with the guest paused: which pages the last round sends
     after_commit  once the destination runs the guest (post-copy will push pages here)
@@ -11,11 +13,12 @@ COMMIT / RUNNING handshake and failure handling. A strategy only decides what to
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from livemig.migration.hello import Hello
     from livemig.migration.source import Source
 
 
@@ -24,6 +27,13 @@ class Strategy(ABC):
 
     name: str
     postcopy = False  # runs the guest at the destination before all pages are there
+
+    def offer(self, src: Source, proposal: Hello) -> None:  # noqa: B027 - most: nothing
+        """Before the hello: add to what the source proposes (TLM names its template)."""
+
+    def configure(self, src: Source) -> tuple[dict[str, Any], list[int]]:
+        """Before CONFIG goes: fields to add to it, and file descriptors to send with it."""
+        return {}, []
 
     def live_copy(self, src: Source) -> None:  # noqa: B027 - stop-and-copy has none
         """Copy while the guest runs; may return early for the switch-over."""

@@ -35,7 +35,7 @@ class PreCopy(Strategy):
         if src.opts.hold_hot:
             self.hold = HoldHot(src.m.memory.size // src.m.memory.page_size,
                                 src.opts.hold_hot_k, src.opts.hold_hot_n)
-        idx: np.ndarray | None = None
+        idx = self.first_round(src)
         held = 0  # pages owed but held back from the round about to be sent
         while True:
             self.rounds += 1
@@ -68,6 +68,10 @@ class PreCopy(Strategy):
                 live = self.hold.release()
                 conv.held = held = 0
             idx = np.flatnonzero(live)
+
+    def first_round(self, src: Source) -> np.ndarray | None:
+        """The pages of round 1, with dirty logging already on (None: every non-zero page)."""
+        return None
 
     def keep_going(self, src: Source, reason: str) -> bool:
         """Whether to go on iterating although convergence says stop for `reason`."""
