@@ -51,7 +51,7 @@ class DirectReceiver:
     def __init__(self, ram: np.ndarray, codecs: CodecSet) -> None:
         self.npages = len(ram)
         self.codecs = codecs
-        self.flat = memoryview(ram.reshape(-1)).cast("B")
+        self.flat = ram.reshape(-1).data.cast("B")
 
     def begin(self, reader: RecordReader, head: Header, deadline: float | None) -> PendingBatch:
         """Read and check the tables of the PAGES record `head` announces."""
