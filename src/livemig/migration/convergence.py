@@ -4,10 +4,19 @@ After each live round the source knows how many pages the round sent, how many w
 meanwhile, and the bandwidth it achieved. It stops iterating when
 
 - the pages owed (dirty, and held: see below) would go in `max_downtime` at that bandwidth
-  ("converged"), or
+  and another live round would not cut them much ("converged"). The next round's size is
+  predicted from the measured dirty rate: a round that sends S pages at B pages/s lasts S/B,
+  and a guest dirtying r pages/s leaves r·S/B pages for the round after it, so each round
+  scales what is owed by q = r/B, which is this round's owed/sent. While q ≤
+  `CONTINUE_RATIO` and more than `MIN_FINAL_PAGES` are owed, one more short live round
+  shrinks the final round (the downtime) by 30 % or more for a fraction of the time of the
+  previous round, so the source goes on even though the downtime limit is already met (after
+  the first round always, whose counts say nothing yet of the dirty rate: see below); or
 - the round reached `max_rounds` ("max-rounds"), or
 - without auto-converge, the round did not shrink: it left at least `shrink_ratio` as many
-  pages owed as there were when it began ("not-converging").
+  pages owed as there were when it began ("not-converging"); never after the first round,
+  which carries every page holding data and so lasts long enough for a busy guest to dirty
+  everything it ever writes.
 
 With `--hold-hot` (hotpages.py) some of the pages owed are held back from the live rounds for
 the final one. They are part of every figure here: the predicted downtime is that of all the
@@ -33,6 +42,10 @@ from livemig.migration.options import MigrationOptions
 
 # Per-page cost on the wire besides the page itself (PAGES tables, headers), for predictions.
 PAGE_OVERHEAD = 13
+# Go on iterating (even within the downtime limit) while a round leaves at most this fraction
+# of the pages it began with, and more than MIN_FINAL_PAGES (a final round of a millisecond).
+CONTINUE_RATIO = 0.7
+MIN_FINAL_PAGES = 256
 
 
 @dataclass
@@ -70,14 +83,20 @@ class Convergence:
         began = sent + self.held  # owed when the round began: what it sent, what it held
         self.held = held
         predicted = self.predict_ms(dirty, bandwidth)
+        only_held = held > 0 and dirty == held  # a live round would have nothing to send
+        # The first round carries every page holding data and lasts long enough for a busy
+        # guest to dirty all it ever writes: its counts say nothing yet of the dirty rate.
+        first = number == 1
         if predicted <= o.max_downtime_ms:
+            if (number < o.max_rounds and not only_held and dirty > MIN_FINAL_PAGES
+                    and (first or dirty <= began * CONTINUE_RATIO)):
+                return Decision(False, "shrinking", predicted, self.throttle)
             return Decision(True, "converged", predicted, self.throttle)
         if number >= o.max_rounds:
             return Decision(True, "max-rounds", predicted, self.throttle)
-        if held and dirty == held and not o.auto_converge:
-            # All that is owed is predicted hot: a live round would have nothing to send.
+        if only_held and not o.auto_converge:
             return Decision(True, "only-held", predicted, self.throttle)
-        shrinking = dirty < began * o.shrink_ratio
+        shrinking = first or dirty < began * o.shrink_ratio
         if shrinking:
             return Decision(False, "shrinking", predicted, self.throttle)
         if not o.auto_converge:
