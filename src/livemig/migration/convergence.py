@@ -1,7 +1,8 @@
 """Pre-copy's convergence policy: when to stop iterating, and auto-converge's throttle.
 
 After each live round the source knows how many pages the round sent, how many were dirtied
-meanwhile, and the bandwidth it achieved. It stops iterating when
+meanwhile, and the bandwidth it achieved (counted in pages, as if each went raw: see
+`Source.page_bandwidth`). It stops iterating when
 
 - the pages owed (dirty, and held: see below) would go in `max_downtime` at that bandwidth
   and another live round would not cut them much ("converged"). The next round's size is

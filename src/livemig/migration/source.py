@@ -32,6 +32,7 @@ from livemig.extents import runs
 from livemig.migration import hello as hello_mod
 from livemig.migration import records, resolve, scan, session, strategies, verify
 from livemig.migration.channels import Channel, Role, SocketChannel
+from livemig.migration.convergence import PAGE_OVERHEAD
 from livemig.migration.errors import (
     Cancelled,
     CommitUnconfirmed,
@@ -106,6 +107,7 @@ class Source:
         self.deadline: float | None = None  # while paused: when the switch-over must give up
         self.running_lost = False  # RUNNING never came; a resolve said the machine runs there
         self.live_bytes = 0
+        self.live_pages = 0
         self.live_time = 0.0
         self.throttle = 0.0
         self._last_progress = 0.0
@@ -323,6 +325,14 @@ class Source:
         """Wait for the destination's `rtype` (nothing to wait for in a file)."""
         if self.ret is not None:
             self.ret.expect(rtype, deadline)
+
+    def page_bandwidth(self) -> float:
+        """The live rounds' rate in bytes/s as if every page went raw: pages sent per second
+        times a raw page's size on the wire. A prediction of how long pages take must count
+        pages, not bytes: a compressing codec sends few bytes per page but costs CPU time."""
+        if not self.live_time:
+            return 0.0
+        return self.live_pages * (PAGE_SIZE + PAGE_OVERHEAD) / self.live_time
 
     def set_throttle(self, fraction: float) -> None:
         if fraction != self.throttle:
