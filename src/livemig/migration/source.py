@@ -106,6 +106,7 @@ class Source:
         self.paused = False
         self.deadline: float | None = None  # while paused: when the switch-over must give up
         self.running_lost = False  # RUNNING never came; a resolve said the machine runs there
+        self.config_due: float | None = None  # CONFIG sent, CONFIG_OK not yet seen: by when
         self.live_bytes = 0
         self.live_pages = 0
         self.live_time = 0.0
@@ -256,7 +257,12 @@ class Source:
                "codecs": self.session.codecs.params() if self.session else {},
                "populated": [list(r) for r in runs(scan.populated(self.m.memory))]}
         self.send(RecordType.CONFIG, records.pack(cfg))
-        self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
+        if self._nstreams() == 1 and not self.strategy.postcopy and self.ret is not None:
+            # Pipelined: the first pages go right behind CONFIG while the destination builds
+            # its machine; CONFIG_OK is taken when it comes, at the latest before the pause.
+            self.config_due = time.monotonic() + HELLO_TIMEOUT
+        else:
+            self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()
         if self.strategy.postcopy:
@@ -298,8 +304,20 @@ class Source:
             self.ret.check()
         if self.streams is not None:
             self.streams.check()
+        if self.config_due is not None and self.ret is not None:
+            if self.ret.poll(RecordType.CONFIG_OK) is not None:
+                self.config_due = None
+            elif time.monotonic() > self.config_due:
+                raise ConnectionLost("destination did not answer CONFIG in time")
         if self.deadline is not None and time.monotonic() > self.deadline:
             self._switchover_timeout()
+
+    def _settle_config(self) -> None:
+        """Wait for a pipelined CONFIG's CONFIG_OK (before anything that needs the
+        destination's machine: pausing the guest)."""
+        if self.config_due is not None:
+            self.expect(RecordType.CONFIG_OK, self.config_due)
+            self.config_due = None
 
     def _switchover_timeout(self) -> None:
         raise SwitchoverTimeout(
@@ -310,7 +328,8 @@ class Source:
     def send(self, rtype: RecordType, *parts: bytes | memoryview) -> int:
         """Send one record on the main channel; while paused, never past the deadline."""
         try:
-            n = self.main.send(rtype, *parts, deadline=self.deadline)
+            # until CONFIG_OK, a destination that takes nothing is given up as in the hello
+            n = self.main.send(rtype, *parts, deadline=self.deadline or self.config_due)
         except ConnectionLost as e:
             if self.ret is not None:
                 self.ret.settle()
@@ -342,6 +361,7 @@ class Source:
 
     def pause(self) -> None:
         """Pause the guest; from now on the switch-over limit runs."""
+        self._settle_config()
         self._step_t = time.monotonic()
         self.m.pause()
         self.paused = True
