@@ -116,8 +116,10 @@ def test_a_round_shrinks_against_what_was_owed_when_it_began() -> None:
     # round 3 sent 20 with 100 held: 120 were owed; 110 left is less than 95 % of 120
     d = conv.after_round(3, 20, 110, ONE_PAGE_PER_MS, held=100)
     assert not d.stop and d.reason == "shrinking"
-    # round 4 sent 10 with 100 held: 110 owed; 108 left is not shrinking
+    # round 4 sent 10 with 100 held: 110 owed; 108 left is not shrinking: once is not enough
     d = conv.after_round(4, 10, 108, ONE_PAGE_PER_MS, held=100)
+    assert not d.stop and d.reason == "not-shrinking"
+    d = conv.after_round(5, 8, 107, ONE_PAGE_PER_MS, held=100)  # twice in a row: give up
     assert d.stop and d.reason == "not-converging"
 
 

@@ -14,8 +14,9 @@ meanwhile, and the bandwidth it achieved (counted in pages, as if each went raw:
   previous round, so the source goes on even though the downtime limit is already met (after
   the first round always, whose counts say nothing yet of the dirty rate: see below); or
 - the round reached `max_rounds` ("max-rounds"), or
-- without auto-converge, the round did not shrink: it left at least `shrink_ratio` as many
-  pages owed as there were when it began ("not-converging"); never after the first round,
+- without auto-converge, `NOT_CONVERGING_ROUNDS` (2) rounds in a row did not shrink: each left
+  at least `shrink_ratio` as many pages owed as there were when it began ("not-converging";
+  one such round may be a stall of a sender on a busy host); never after the first round,
   which carries every page holding data and so lasts long enough for a busy guest to dirty
   everything it ever writes.
 
@@ -47,6 +48,8 @@ PAGE_OVERHEAD = 13
 # of the pages it began with, and more than MIN_FINAL_PAGES (a final round of a millisecond).
 CONTINUE_RATIO = 0.7
 MIN_FINAL_PAGES = 256
+# Without auto-converge, iteration gives up after this many rounds in a row that did not shrink.
+NOT_CONVERGING_ROUNDS = 2
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Convergence:
         self.opts = opts
         self.throttle = 0.0
         self.held = 0  # pages held back (--hold-hot) when the next round begins
+        self.stalled = 0  # rounds in a row that did not shrink
 
     def predict_ms(self, dirty_pages: int, bandwidth: float) -> float:
         """Time to send `dirty_pages` at `bandwidth` bytes/s."""
@@ -98,9 +102,14 @@ class Convergence:
         if only_held and not o.auto_converge:
             return Decision(True, "only-held", predicted, self.throttle)
         shrinking = first or dirty < began * o.shrink_ratio
+        self.stalled = 0 if shrinking else self.stalled + 1
         if shrinking:
             return Decision(False, "shrinking", predicted, self.throttle)
         if not o.auto_converge:
+            if self.stalled < NOT_CONVERGING_ROUNDS:
+                # one round that grew may be a stall of the sender (a busy host), not the
+                # guest outrunning the link: one more round before giving up
+                return Decision(False, "not-shrinking", predicted, self.throttle)
             return Decision(True, "not-converging", predicted, self.throttle)
         if self.throttle == 0.0:
             self.throttle = o.throttle_initial
