@@ -283,8 +283,9 @@ class Destination:
         assert self.placer is not None
         pages_mod.apply(batch, self.sess.codecs, self.placer)
         self.round.bytes_sent += length + HEADER_SIZE
+        counts = batch.counts()
         for codec in self.sess.codecs.codecs:
-            self.round.add(codec.name, batch.count(codec.id))
+            self.round.add(codec.name, int(counts[codec.id]))
 
     def _on_pages(self, head: Header, deadline: float | None) -> None:
         if self.streams is not None:

@@ -151,6 +151,10 @@ class DecodedBatch:
     def count(self, codec_id: int) -> int:
         return int(np.count_nonzero(self.ids == codec_id))
 
+    def counts(self) -> np.ndarray:
+        """Pages per codec id (index: the id)."""
+        return np.bincount(self.ids, minlength=256)
+
 
 def batch_size(head: memoryview | bytes) -> int:
     """Pages in a PAGES payload, from its first 8 bytes; ProtocolError if out of range."""
@@ -178,7 +182,7 @@ def decode_tables(meta: memoryview, data_len: int, npages: int,
     ids = np.frombuffer(meta, np.uint8, n, o + 12 * n)
     if int(idx.max()) >= npages:
         raise ProtocolError(f"PAGES record names page {int(idx.max())}, RAM has {npages}")
-    present = np.unique(ids).tolist()
+    present = codec_ids(ids)
     bad = set(present) - set(codecs.by_id)
     if bad:
         raise ProtocolError(f"PAGES record uses encoding(s) {sorted(bad)} never negotiated")
@@ -207,7 +211,7 @@ def apply(batch: DecodedBatch, codecs: CodecSet, placer: PagePlacer) -> None:
     """Hand each codec its pages of a checked batch, to place through `placer` (codecs in
     id order, as their data comes; those in `batch.placed` are in RAM already)."""
     off = 0
-    present = np.unique(batch.ids).tolist()
+    present = codec_ids(batch.ids)
     for cid in present:
         if cid in batch.placed:
             continue
@@ -243,4 +247,9 @@ class RamPlacer:
 
 def is_run(idx: np.ndarray) -> bool:
     """True when `idx` is consecutive page numbers in increasing order."""
-    return len(idx) < 2 or bool(np.all(np.diff(idx) == 1))
+    return len(idx) < 2 or bool((idx[1:] - idx[:-1] == 1).all())
+
+
+def codec_ids(ids: np.ndarray) -> list[int]:
+    """The codec ids present in a batch's id table, ascending."""
+    return np.bincount(ids, minlength=1).nonzero()[0].tolist()

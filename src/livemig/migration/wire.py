@@ -180,6 +180,8 @@ class RecordReader:
         self.limit = max_payload
         self._buf = bytearray(HEADER_SIZE + min(max_payload, 1 << 16))
         self.bytes_read = 0
+        # a plain socket: MSG_DONTWAIT, recvmsg_into (not TLS, not a file)
+        self._plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
     def _wait(self, deadline: float | None, what: str) -> None:
         if deadline is None:
@@ -190,13 +192,28 @@ class RecordReader:
         if not wait_ready(self.sock.fileno(), select.POLLIN, deadline):
             raise Timeout(f"peer sent nothing in time while {what} was due")
 
+    def _dontwait(self, deadline: float | None) -> bool:
+        """Whether to try a read without waiting first (then poll only if nothing is there):
+        a plain blocking socket with a deadline to honour."""
+        sock = self.sock
+        return (deadline is not None and self._plain and isinstance(sock, socket.socket)
+                and sock.gettimeout() is None)
+
     def fill(self, view: memoryview, what: str, deadline: float | None) -> None:
         """Read exactly `view.nbytes` bytes into `view` (ConnectionLost at EOF, Timeout)."""
         got = 0
         while got < view.nbytes:
-            self._wait(deadline, what)
             try:
-                n = self.sock.recv_into(view[got:])
+                if self._dontwait(deadline) and isinstance(self.sock, socket.socket):
+                    # bytes already here (the usual case) need no poll first
+                    try:
+                        n = self.sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        self._wait(deadline, what)
+                        continue
+                else:
+                    self._wait(deadline, what)
+                    n = self.sock.recv_into(view[got:])
             except TimeoutError as e:
                 raise Timeout(f"peer sent nothing in time while {what} was due") from e
             except OSError as e:
@@ -212,16 +229,22 @@ class RecordReader:
                   deadline: float | None) -> None:
         """Fill every one of `views` in order, scattered by one `recvmsg_into` for many
         buffers where the source is a plain socket."""
-        if not isinstance(self.sock, socket.socket) or isinstance(self.sock, ssl.SSLSocket):
+        if not self._plain:
             for v in views:
                 self.fill(v, what, deadline)
             return
+        sock = self.sock
+        assert isinstance(sock, socket.socket)
         todo = [v for v in views if v.nbytes]
+        flags = socket.MSG_DONTWAIT if self._dontwait(deadline) else 0
         i = 0
         while i < len(todo):
-            self._wait(deadline, what)
             try:
-                n = self.sock.recvmsg_into(todo[i : i + MAX_IOV])[0]
+                try:
+                    n = sock.recvmsg_into(todo[i : i + MAX_IOV], 0, flags)[0]
+                except BlockingIOError:
+                    self._wait(deadline, what)
+                    continue
             except TimeoutError as e:
                 raise Timeout(f"peer sent nothing in time while {what} was due") from e
             except OSError as e:
