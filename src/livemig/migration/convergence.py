@@ -9,7 +9,8 @@ meanwhile, and the bandwidth it achieved (counted in pages, as if each went raw:
   predicted from the measured dirty rate: a round that sends S pages at B pages/s lasts S/B,
   and a guest dirtying r pages/s leaves r·S/B pages for the round after it, so each round
   scales what is owed by q = r/B, which is this round's owed/sent. While q ≤
-  `CONTINUE_RATIO` and more than `MIN_FINAL_PAGES` are owed, one more short live round
+  `CONTINUE_RATIO`, more than `MIN_FINAL_PAGES` are owed and they would take more than
+  `FINAL_FRACTION` of the limit (10 ms of the default 300 ms), one more short live round
   shrinks the final round (the downtime) by 30 % or more for a fraction of the time of the
   previous round, so the source goes on even though the downtime limit is already met (after
   the first round always, whose counts say nothing yet of the dirty rate: see below); or
@@ -45,9 +46,11 @@ from livemig.migration.options import MigrationOptions
 # Per-page cost on the wire besides the page itself (PAGES tables, headers), for predictions.
 PAGE_OVERHEAD = 13
 # Go on iterating (even within the downtime limit) while a round leaves at most this fraction
-# of the pages it began with, and more than MIN_FINAL_PAGES (a final round of a millisecond).
+# of the pages it began with, more than MIN_FINAL_PAGES (a final round of a millisecond) and a
+# predicted downtime over FINAL_FRACTION of the limit (10 ms of the default 300).
 CONTINUE_RATIO = 0.7
 MIN_FINAL_PAGES = 256
+FINAL_FRACTION = 1 / 30
 # Without auto-converge, iteration gives up after this many rounds in a row that did not shrink.
 NOT_CONVERGING_ROUNDS = 2
 
@@ -93,7 +96,8 @@ class Convergence:
         # guest to dirty all it ever writes: its counts say nothing yet of the dirty rate.
         first = number == 1
         if predicted <= o.max_downtime_ms:
-            if (number < o.max_rounds and not only_held and dirty > MIN_FINAL_PAGES
+            small = dirty <= MIN_FINAL_PAGES or predicted <= o.max_downtime_ms * FINAL_FRACTION
+            if (number < o.max_rounds and not only_held and not small
                     and (first or dirty <= began * CONTINUE_RATIO)):
                 return Decision(False, "shrinking", predicted, self.throttle)
             return Decision(True, "converged", predicted, self.throttle)
