@@ -116,8 +116,10 @@ def test_a_round_shrinks_against_what_was_owed_when_it_began() -> None:
     # round 3 sent 20 with 100 held: 120 were owed; 110 left is less than 95 % of 120
     d = conv.after_round(3, 20, 110, ONE_PAGE_PER_MS, held=100)
     assert not d.stop and d.reason == "shrinking"
-    # round 4 sent 10 with 100 held: 110 owed; 108 left is not shrinking
+    # round 4 sent 10 with 100 held: 110 owed; 108 left is not shrinking: once is not enough
     d = conv.after_round(4, 10, 108, ONE_PAGE_PER_MS, held=100)
+    assert not d.stop and d.reason == "not-shrinking"
+    d = conv.after_round(5, 8, 107, ONE_PAGE_PER_MS, held=100)  # twice in a row: give up
     assert d.stop and d.reason == "not-converging"
 
 
@@ -243,3 +245,17 @@ def last_heartbeat(dst: Listener) -> int:
     except Exception:  # its control socket appears once the machine runs
         return 0
     return 0 if last is None else int(last["value"])
+
+
+def test_rounds_go_on_within_the_limit_while_they_shrink_fast() -> None:
+    """The downtime limit is met, but the next round is predicted (dirty rate over bandwidth:
+    dirtied/sent) to leave half as many pages: one more live round, for a smaller final one."""
+    conv = Convergence(MigrationOptions(max_downtime_ms=300))
+    d = conv.after_round(1, 25600, 25000, ONE_PAGE_PER_MS * 1000)  # first round: never judged
+    assert not d.stop and d.reason == "shrinking"
+    d = conv.after_round(2, 25000, 12000, ONE_PAGE_PER_MS * 1000)  # 12 ms, q = 0.48
+    assert not d.stop and d.reason == "shrinking" and d.predicted_downtime_ms < 300
+    d = conv.after_round(3, 12000, 10000, ONE_PAGE_PER_MS * 1000)  # q = 0.83: not worth it
+    assert d.stop and d.reason == "converged"
+    d = Convergence(MigrationOptions()).after_round(2, 1000, 200, ONE_PAGE_PER_MS * 1000)
+    assert d.stop and d.reason == "converged"  # 200 pages: a final round of a millisecond

@@ -320,13 +320,15 @@ def test_out_of_order_record_is_refused() -> None:
 def test_verify_mismatch_refuses_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     from livemig.migration import destination
 
-    real_store = destination.pages_mod.RamPlacer.store
+    real_place = destination.Destination._place
 
-    def lossy_store(self: Any, idx: np.ndarray, data: np.ndarray) -> None:
-        real_store(self, idx, data)
+    def lossy_place(self: Any, batch: Any, length: int) -> None:
+        # After each batch is in RAM, however it got there (raw pages come straight off the
+        # socket, direct.py), page 7 is damaged.
+        real_place(self, batch, length)
         self.ram[7, 9] = 0x5A if self.ram[7, 9] != 0x5A else 0xA5
 
-    monkeypatch.setattr(destination.pages_mod.RamPlacer, "store", lossy_store)
+    monkeypatch.setattr(destination.Destination, "_place", lossy_place)
     src = source()
     d = Dest()
     with pytest.raises(RemoteError, match="memory verification failed.*page 7.*refusing to COMMIT"):

@@ -37,6 +37,11 @@ def data_pages(fd: int, size: int) -> list[tuple[int, int]]:
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(first page, page count) of every run of True in a bool-per-page array."""
-    padded = np.concatenate(([0], mask.astype(bool).view(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(padded))
-    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    m = np.ascontiguousarray(mask, dtype=bool)
+    if not len(m):
+        return []
+    # where the value changes, on bools (no padded int copy of the whole mask)
+    change = np.flatnonzero(m[1:] != m[:-1]) + 1
+    edges = np.concatenate(([0] if m[0] else [], change, [len(m)] if m[-1] else []))
+    edges = edges.astype(np.int64).tolist()
+    return [(a, b - a) for a, b in zip(edges[::2], edges[1::2], strict=True)]

@@ -44,6 +44,7 @@ from livemig.migration import backing, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
+from livemig.migration.direct import DirectReceiver
 from livemig.migration.errors import (
     AuthError,
     ConnectionLost,
@@ -62,7 +63,7 @@ from livemig.migration.session import Session
 from livemig.migration.stats import MigrationStats, RoundStats
 from livemig.migration.streams import DestStreams
 from livemig.migration.verify import VerifyTable
-from livemig.migration.wire import MAX_PAYLOAD, Record, RecordType
+from livemig.migration.wire import HEADER_SIZE, MAX_PAYLOAD, Header, Record, RecordType
 from livemig.probe import ProbeKind
 
 FIRST_HEARTBEAT_WAIT = 2.0  # seconds the destination waits for the guest's first heartbeat
@@ -123,6 +124,7 @@ class Destination:
         self.machine: Machine | None = None
         self.ram: np.ndarray | None = None
         self.placer: pages_mod.RamPlacer | None = None
+        self.direct: DirectReceiver | None = None  # PAGES into RAM, before COMMIT only
         self.prefault: Prefaulter | None = None
         self.verify: VerifyTable | None = None
         self.round = RoundStats(1)
@@ -135,19 +137,23 @@ class Destination:
     def run(self) -> tuple[Machine, MigrationStats]:
         """Receive until RUNNING; raises MigrationError (and the machine is closed)."""
         handlers = {
-            RecordType.CONFIG: self._on_config, RecordType.PAGES: self._on_pages,
+            RecordType.CONFIG: self._on_config,
             RecordType.ROUND_END: self._on_round_end, RecordType.VERIFY: self._on_verify,
             RecordType.STATE: self._on_state, RecordType.COMMIT: self._on_commit,
             RecordType.ABORT: self._on_abort,
         }
         try:
             while self.state is not DestState.RUNNING:
-                rec = self.sess.main.read(self._deadline())
-                if rec.type not in ALLOWED[self.state]:
+                deadline = self._deadline()
+                head = self.sess.main.read_header(deadline)
+                if head.type not in ALLOWED[self.state]:
                     raise ProtocolError(
-                        f"{rec.type.name} record not allowed in state {self.state.value}"
+                        f"{head.type.name} record not allowed in state {self.state.value}"
                     )
-                handlers[rec.type](rec)
+                if head.type is RecordType.PAGES:
+                    self._on_pages(head, deadline)
+                else:
+                    handlers[head.type](self.sess.main.read_payload(head, deadline))
         except MigrationError as e:
             # Not `from e`: _fail returns e itself unless it rewords it, and an exception that
             # is its own cause is a reference cycle: it held the failed migration's frames,
@@ -219,6 +225,7 @@ class Destination:
             self.prefault = None
         self.ram = None
         self.placer = None
+        self.direct = None
 
     def _on_config(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "CONFIG", ("machine", "page_size"))
@@ -243,6 +250,7 @@ class Destination:
             self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.placer = pages_mod.RamPlacer(self.ram)
+        self.direct = DirectReceiver(self.ram, self.sess.codecs)
         if hello.FEATURE_VERIFY in self.sess.features:
             self.verify = VerifyTable(len(self.ram))
         nstreams = d.get("streams", 1)
@@ -284,24 +292,31 @@ class Destination:
         self.sess.pages = [self.join(f"pages-{i}", JOIN_TIMEOUT) for i in range(n)]
         for c in self.sess.pages:
             c.set_limit(MAX_PAYLOAD)
-        self.streams = DestStreams(self.sess.pages, self._decode, self._place)
+        self.streams = DestStreams(self.sess.pages, self._begin_batch)
 
-    def _decode(self, payload: memoryview) -> pages_mod.DecodedBatch:
-        assert self.ram is not None
-        batch = pages_mod.decode(payload, len(self.ram), self.sess.codecs)
-        self.round.bytes_sent += len(payload) + 16
-        return batch
+    def _begin_batch(self, chan: Channel) -> Callable[[], None]:
+        """A page stream's next batch: its tables now, its data in its turn."""
+        assert self.direct is not None and chan.reader is not None
+        head = chan.read_header()
+        if head.type is not RecordType.PAGES:
+            raise ProtocolError(f"{head.type.name} record on page stream {chan.label}")
+        pending = self.direct.begin(chan.reader, head, None)
+        reader, direct = chan.reader, self.direct
+        return lambda: self._place(direct.finish(reader, pending, None), head.length)
 
-    def _place(self, batch: pages_mod.DecodedBatch) -> None:
+    def _place(self, batch: pages_mod.DecodedBatch, length: int) -> None:
         assert self.placer is not None
         pages_mod.apply(batch, self.sess.codecs, self.placer)
+        self.round.bytes_sent += length + HEADER_SIZE
+        counts = batch.counts()
         for codec in self.sess.codecs.codecs:
-            self.round.add(codec.name, batch.count(codec.id))
+            self.round.add(codec.name, int(counts[codec.id]))
 
-    def _on_pages(self, rec: Record) -> None:
+    def _on_pages(self, head: Header, deadline: float | None) -> None:
         if self.streams is not None:
             raise ProtocolError("PAGES on the main channel of a session with page streams")
-        self._place(self._decode(rec.payload))
+        assert self.direct is not None and self.sess.main.reader is not None
+        self._place(self.direct.read(self.sess.main.reader, head, deadline), head.length)
 
     def _on_round_end(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "ROUND_END", ("round",))
@@ -346,7 +361,8 @@ class Destination:
             self.stats.verified_memory = owed is None  # post-copy: once every page is here
         self.machine.load_state(state)
         if owed is not None:
-            self.ram = None  # never read from here on: a missing page would block this thread
+            # never read from here on: a missing page would block this thread
+            self.ram = self.direct = None
             self.postcopy = PostcopyReceiver(self.machine.memory, owed, self.verify, self._t0)
             self.postcopy.prepare()
         self._send(RecordType.READY)

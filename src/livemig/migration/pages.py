@@ -139,37 +139,50 @@ class BatchEncoder:
 
 @dataclass
 class DecodedBatch:
-    """A checked PAGES payload: arrays over the receive buffer."""
+    """A checked PAGES payload: arrays over the receive buffer. `data` holds the encoded
+    bytes of every codec but those in `placed` (already in RAM: `direct.py`)."""
 
     idx: np.ndarray
     lens: np.ndarray
     ids: np.ndarray
     data: memoryview
-    present: list[int] = field(default_factory=list)  # codec ids used, ascending
+    placed: frozenset[int] = frozenset()
 
     def count(self, codec_id: int) -> int:
         return int(np.count_nonzero(self.ids == codec_id))
 
+    def counts(self) -> np.ndarray:
+        """Pages per codec id (index: the id)."""
+        return np.bincount(self.ids, minlength=256)
 
-def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
-    """Check a PAGES payload against the machine size and the negotiated codecs."""
-    if len(payload) < _HEAD.size:
-        raise ProtocolError(f"PAGES record too short ({len(payload)} bytes)")
-    n, reserved = _HEAD.unpack_from(payload)
+
+def batch_size(head: memoryview | bytes) -> int:
+    """Pages in a PAGES payload, from its first 8 bytes; ProtocolError if out of range."""
+    if len(head) < _HEAD.size:
+        raise ProtocolError(f"PAGES record too short ({len(head)} bytes)")
+    n, reserved = _HEAD.unpack_from(head)
     if reserved != 0 or not 0 < n <= MAX_BATCH:
         raise ProtocolError(f"PAGES record with bad header (count {n}, reserved {reserved};"
                             f" at most {MAX_BATCH} pages)")
+    return int(n)
+
+
+def decode_tables(meta: memoryview, data_len: int, npages: int,
+                  codecs: CodecSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check the tables of a PAGES payload (`meta`: its first meta_size(n) bytes) against the
+    machine size, the negotiated codecs and the `data_len` bytes of data that follow them;
+    returns (page index, encoded length, codec id) per page."""
+    n = batch_size(meta)
     m = meta_size(n)
-    if len(payload) < m:
-        raise ProtocolError(f"PAGES record truncated: {len(payload)} bytes, tables need {m}")
+    if len(meta) < m:
+        raise ProtocolError(f"PAGES record truncated: {len(meta)} bytes, tables need {m}")
     o = _HEAD.size
-    idx = np.frombuffer(payload, "<u8", n, o)
-    lens = np.frombuffer(payload, "<u4", n, o + 8 * n)
-    ids = np.frombuffer(payload, np.uint8, n, o + 12 * n)
+    idx = np.frombuffer(meta, "<u8", n, o)
+    lens = np.frombuffer(meta, "<u4", n, o + 8 * n)
+    ids = np.frombuffer(meta, np.uint8, n, o + 12 * n)
     if int(idx.max()) >= npages:
         raise ProtocolError(f"PAGES record names page {int(idx.max())}, RAM has {npages}")
-    # bincount, not unique: this runs for every batch, and for one page on a fault's path.
-    present = np.flatnonzero(np.bincount(ids, minlength=256)).tolist()
+    present = codec_ids(ids)
     bad = set(present) - set(codecs.by_id)
     if bad:
         raise ProtocolError(f"PAGES record uses encoding(s) {sorted(bad)} never negotiated")
@@ -178,25 +191,37 @@ def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
         if problem:
             raise ProtocolError(
                 f"PAGES record has a page whose length does not fit its encoding ({problem})")
-    if int(lens.sum(dtype=np.uint64)) != len(payload) - m:
+    if int(lens.sum(dtype=np.uint64)) != data_len:
         raise ProtocolError(
-            f"PAGES record data is {len(payload) - m} bytes, its table says {int(lens.sum())}"
+            f"PAGES record data is {data_len} bytes, its table says {int(lens.sum())}"
         )
-    return DecodedBatch(idx, lens, ids, payload[m:], present)
+    return idx, lens, ids
+
+
+def decode(payload: memoryview, npages: int, codecs: CodecSet) -> DecodedBatch:
+    """Check a PAGES payload against the machine size and the negotiated codecs."""
+    m = meta_size(batch_size(payload))
+    if len(payload) < m:
+        raise ProtocolError(f"PAGES record truncated: {len(payload)} bytes, tables need {m}")
+    idx, lens, ids = decode_tables(payload[:m], len(payload) - m, npages, codecs)
+    return DecodedBatch(idx, lens, ids, payload[m:])
 
 
 def apply(batch: DecodedBatch, codecs: CodecSet, placer: PagePlacer) -> None:
-    """Hand each codec its pages of a checked batch, to place through `placer`."""
+    """Hand each codec its pages of a checked batch, to place through `placer` (codecs in
+    id order, as their data comes; those in `batch.placed` are in RAM already)."""
     off = 0
-    for cid in batch.present:
-        if len(batch.present) == 1:
-            idx, lens, size = batch.idx, batch.lens, len(batch.data)
-        else:
-            sel = batch.ids == cid
-            idx, lens = batch.idx[sel], batch.lens[sel]
-            size = int(lens.sum(dtype=np.uint64))
-        codecs.by_id[cid].place(idx, lens, batch.data[off : off + size], placer,
-                                codecs.state[cid])
+    present = codec_ids(batch.ids)
+    for cid in present:
+        if cid in batch.placed:
+            continue
+        sel = batch.ids == cid
+        one = len(present) == 1
+        lens = batch.lens if one else batch.lens[sel]
+        size = int(lens.sum(dtype=np.uint64))
+        codec = codecs.by_id[cid]
+        codec.place(batch.idx if one else batch.idx[sel], lens, batch.data[off : off + size],
+                    placer, codecs.state[cid])
         off += size
 
 
@@ -222,4 +247,9 @@ class RamPlacer:
 
 def is_run(idx: np.ndarray) -> bool:
     """True when `idx` is consecutive page numbers in increasing order."""
-    return len(idx) < 2 or bool(np.all(np.diff(idx) == 1))
+    return len(idx) < 2 or bool((idx[1:] - idx[:-1] == 1).all())
+
+
+def codec_ids(ids: np.ndarray) -> list[int]:
+    """The codec ids present in a batch's id table, ascending."""
+    return np.bincount(ids, minlength=1).nonzero()[0].tolist()

@@ -74,6 +74,24 @@ class ReturnPath:
         if self.failure is not None:
             raise self.failure
 
+    def poll(self, rtype: RecordType) -> Record | None:
+        """The next record if it is here and of type `rtype` (others wait for `expect`);
+        raises what the destination reported."""
+        self.check()
+        for i, rec in enumerate(self._early):
+            if rec.type is rtype:
+                return self._early.pop(i)
+        while True:
+            try:
+                rec = self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if rec.type is RecordType.ERROR:
+                self.check()
+            if rec.type is rtype:
+                return rec
+            self._early.append(rec)
+
     def expect(self, rtype: RecordType, deadline: float,
                later: tuple[RecordType, ...] = ()) -> Record:
         """Wait until `deadline` (time.monotonic) for the next record, which must be `rtype`;

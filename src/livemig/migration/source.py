@@ -32,6 +32,7 @@ from livemig.extents import runs
 from livemig.migration import hello as hello_mod
 from livemig.migration import records, resolve, scan, session, strategies, verify
 from livemig.migration.channels import Channel, Role, SocketChannel
+from livemig.migration.convergence import PAGE_OVERHEAD
 from livemig.migration.errors import (
     Cancelled,
     CommitUnconfirmed,
@@ -41,7 +42,7 @@ from livemig.migration.errors import (
 )
 from livemig.migration.gap import guest_gap_ms
 from livemig.migration.netforward import NetSender
-from livemig.migration.options import MigrationOptions
+from livemig.migration.options import MigrationOptions, Mode
 from livemig.migration.pages import MAX_BATCH, BatchEncoder, EncodedBatch
 from livemig.migration.pageserver import pack_bitmap, unpack_bitmap
 from livemig.migration.ratelimit import RateLimiter
@@ -108,7 +109,9 @@ class Source:
         self.paused = False
         self.deadline: float | None = None  # while paused: when the switch-over must give up
         self.running_lost = False  # RUNNING never came; a resolve said the machine runs there
+        self.config_due: float | None = None  # CONFIG sent, CONFIG_OK not yet seen: by when
         self.live_bytes = 0
+        self.live_pages = 0
         self.live_time = 0.0
         self.throttle = 0.0
         self._last_progress = 0.0
@@ -270,7 +273,13 @@ class Source:
                                                              records.pack(cfg), fds=fds)
         else:
             self.send(RecordType.CONFIG, records.pack(cfg))
-        self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
+        plain = self.opts.mode in (Mode.PRECOPY, Mode.STOP_COPY) and not fds and not soft_net
+        if plain and self._nstreams() == 1 and self.ret is not None:
+            # Pipelined: the first pages go right behind CONFIG while the destination builds
+            # its machine; CONFIG_OK is taken when it comes, at the latest before the pause.
+            self.config_due = time.monotonic() + HELLO_TIMEOUT
+        else:
+            self.expect(RecordType.CONFIG_OK, time.monotonic() + HELLO_TIMEOUT)
         if self._nstreams() > 1:
             self._open_streams()
         if self.strategy.postcopy:
@@ -329,8 +338,20 @@ class Source:
             self.ret.check()
         if self.streams is not None:
             self.streams.check()
+        if self.config_due is not None and self.ret is not None:
+            if self.ret.poll(RecordType.CONFIG_OK) is not None:
+                self.config_due = None
+            elif time.monotonic() > self.config_due:
+                raise ConnectionLost("destination did not answer CONFIG in time")
         if self.deadline is not None and time.monotonic() > self.deadline:
             self._switchover_timeout()
+
+    def _settle_config(self) -> None:
+        """Wait for a pipelined CONFIG's CONFIG_OK (before anything that needs the
+        destination's machine: pausing the guest)."""
+        if self.config_due is not None:
+            self.expect(RecordType.CONFIG_OK, self.config_due)
+            self.config_due = None
 
     def _switchover_timeout(self) -> None:
         raise SwitchoverTimeout(
@@ -341,7 +362,8 @@ class Source:
     def send(self, rtype: RecordType, *parts: bytes | memoryview) -> int:
         """Send one record on the main channel; while paused, never past the deadline."""
         try:
-            n = self.main.send(rtype, *parts, deadline=self.deadline)
+            # until CONFIG_OK, a destination that takes nothing is given up as in the hello
+            n = self.main.send(rtype, *parts, deadline=self.deadline or self.config_due)
         except ConnectionLost as e:
             if self.ret is not None:
                 self.ret.settle()
@@ -357,6 +379,14 @@ class Source:
         if self.ret is not None:
             self.ret.expect(rtype, deadline)
 
+    def page_bandwidth(self) -> float:
+        """The live rounds' rate in bytes/s as if every page went raw: pages sent per second
+        times a raw page's size on the wire. A prediction of how long pages take must count
+        pages, not bytes: a compressing codec sends few bytes per page but costs CPU time."""
+        if not self.live_time:
+            return 0.0
+        return self.live_pages * (PAGE_SIZE + PAGE_OVERHEAD) / self.live_time
+
     def set_throttle(self, fraction: float) -> None:
         if fraction != self.throttle:
             self.m.set_throttle(fraction)
@@ -365,6 +395,7 @@ class Source:
 
     def pause(self) -> None:
         """Pause the guest; from now on the switch-over limit runs."""
+        self._settle_config()
         self._step_t = time.monotonic()
         self.m.pause()
         self.paused = True

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 from livemig.migration.channels import Channel
-from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError, Timeout
-from livemig.migration.pages import DecodedBatch, EncodedBatch
+from livemig.migration.errors import ConnectionLost, MigrationError, Timeout
+from livemig.migration.pages import EncodedBatch
 from livemig.migration.wire import RecordType
 
 QUEUE_DEPTH = 2  # batches waiting per stream: enough to keep each socket busy
@@ -90,13 +90,17 @@ class SourceStreams:
 
 
 class DestStreams:
-    """Reads and checks batches on each page channel in parallel; places them in order."""
+    """Reads batches on each page channel in parallel; finishes and places them in order.
 
-    def __init__(self, chans: list[Channel], decode: Callable[[memoryview], DecodedBatch],
-                 place: Callable[[DecodedBatch], None]) -> None:
+    `begin(chan)` reads what of a channel's next batch may be read out of turn (its header
+    and tables) and returns the rest of the work (receiving its data into RAM, placing it),
+    which runs in the batch's turn: batch k only after batch k-1, never two at once.
+    """
+
+    def __init__(self, chans: list[Channel],
+                 begin: Callable[[Channel], Callable[[], None]]) -> None:
         self.chans = chans
-        self.decode = decode
-        self.place = place
+        self.begin = begin
         self.applied = 0
         self.error: MigrationError | None = None
         self._closing = False
@@ -116,16 +120,14 @@ class DestStreams:
         seq, n = i, len(self.chans)
         try:
             while True:
-                rec = self.chans[i].read()
-                if rec.type is not RecordType.PAGES:
-                    raise ProtocolError(f"{rec.type.name} record on page stream {i}")
-                batch = self.decode(rec.payload)
+                finish = self.begin(self.chans[i])
                 with self._cond:
                     while self.applied != seq and self.error is None and not self._closing:
                         self._cond.wait()
                     if self.error is not None or self._closing:
                         return
-                    self.place(batch)
+                finish()  # this batch's turn: no other stream places until it is counted
+                with self._cond:
                     self.applied += 1
                     self._cond.notify_all()
                 seq += n

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Sequence
@@ -181,6 +182,8 @@ class RecordReader:
         self.limit = max_payload
         self._buf = bytearray(HEADER_SIZE + min(max_payload, 1 << 16))
         self.bytes_read = 0
+        # a plain socket: MSG_DONTWAIT, recvmsg_into (not TLS, not a file)
+        self._plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
     def _wait(self, deadline: float | None, what: str) -> None:
         if deadline is None:
@@ -191,12 +194,28 @@ class RecordReader:
         if not wait_ready(self.sock.fileno(), select.POLLIN, deadline):
             raise Timeout(f"peer sent nothing in time while {what} was due")
 
-    def _fill(self, view: memoryview, what: str, deadline: float | None) -> None:
+    def _dontwait(self, deadline: float | None) -> bool:
+        """Whether to try a read without waiting first (then poll only if nothing is there):
+        a plain blocking socket with a deadline to honour."""
+        sock = self.sock
+        return (deadline is not None and self._plain and isinstance(sock, socket.socket)
+                and sock.gettimeout() is None)
+
+    def fill(self, view: memoryview, what: str, deadline: float | None) -> None:
+        """Read exactly `view.nbytes` bytes into `view` (ConnectionLost at EOF, Timeout)."""
         got = 0
         while got < view.nbytes:
-            self._wait(deadline, what)
             try:
-                n = self.sock.recv_into(view[got:])
+                if self._dontwait(deadline) and isinstance(self.sock, socket.socket):
+                    # bytes already here (the usual case) need no poll first
+                    try:
+                        n = self.sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        self._wait(deadline, what)
+                        continue
+                else:
+                    self._wait(deadline, what)
+                    n = self.sock.recv_into(view[got:])
             except TimeoutError as e:
                 raise Timeout(f"peer sent nothing in time while {what} was due") from e
             except OSError as e:
@@ -208,18 +227,81 @@ class RecordReader:
             got += n
         self.bytes_read += got
 
+    def fill_many(self, views: Sequence[memoryview], what: str,
+                  deadline: float | None) -> None:
+        """Fill every one of `views` in order, scattered by one `recvmsg_into` for many
+        buffers where the source is a plain socket."""
+        if not self._plain:
+            for v in views:
+                self.fill(v, what, deadline)
+            return
+        sock = self.sock
+        assert isinstance(sock, socket.socket)
+        todo = [v for v in views if v.nbytes]
+        flags = socket.MSG_DONTWAIT if self._dontwait(deadline) else 0
+        i = 0
+        while i < len(todo):
+            try:
+                try:
+                    n = sock.recvmsg_into(todo[i : i + MAX_IOV], 0, flags)[0]
+                except BlockingIOError:
+                    self._wait(deadline, what)
+                    continue
+            except TimeoutError as e:
+                raise Timeout(f"peer sent nothing in time while {what} was due") from e
+            except OSError as e:
+                raise ConnectionLost(f"connection lost while reading {what}: {e}") from e
+            if n == 0:
+                raise ConnectionLost(f"connection closed in the middle of {what} (truncated)")
+            self.bytes_read += n
+            while n:
+                if n >= todo[i].nbytes:
+                    n -= todo[i].nbytes
+                    i += 1
+                else:
+                    todo[i] = todo[i][n:]
+                    n = 0
+
     def read(self, deadline: float | None = None) -> Record:
         """Block until one whole, checked record has arrived; the payload is valid until the
         next call. Raises ProtocolError on bad input, ConnectionLost on EOF, Timeout after
         `deadline`."""
+        return self.read_payload(self.read_header(deadline), deadline)
+
+    def read_payload(self, head: Header, deadline: float | None = None) -> Record:
+        """The payload of the record whose header `read_header` returned, checked."""
+        payload = self.payload_buffer(head.length)
+        self.fill(payload, f"{head.type.name} record", deadline)
+        head.check(zlib.crc32(payload))
+        return Record(head.type, payload)
+
+    def read_header(self, deadline: float | None = None) -> Header:
+        """Read and check the next record's header only: its payload is the caller's to read
+        (with `fill`, into `payload_buffer` or anywhere else), and to check with
+        `Header.check`."""
         head = memoryview(self._buf)[:HEADER_SIZE]
-        self._fill(head, "record header", deadline)
+        self.fill(head, "record header", deadline)
         rtype, length, pcrc = parse_header(head, self.limit)
-        del head
+        return Header(rtype, length, pcrc)
+
+    def payload_buffer(self, length: int) -> memoryview:
+        """The reader's own buffer for a payload of `length` bytes (at most the limit checked
+        by `read_header`), valid until the next read."""
         if len(self._buf) < HEADER_SIZE + length:
-            self._buf = bytearray(self._buf[:HEADER_SIZE]) + bytearray(length)
-        payload = memoryview(self._buf)[HEADER_SIZE : HEADER_SIZE + length]
-        self._fill(payload, f"{rtype.name} record", deadline)
-        if zlib.crc32(payload) != pcrc:
-            raise ProtocolError(f"corrupt {rtype.name} record ({length} bytes): CRC mismatch")
-        return Record(rtype, payload)
+            self._buf = bytearray(HEADER_SIZE + length)
+        return memoryview(self._buf)[HEADER_SIZE : HEADER_SIZE + length]
+
+
+@dataclass
+class Header:
+    """A checked record header: the payload's type, length and CRC."""
+
+    type: RecordType
+    length: int
+    crc: int
+
+    def check(self, crc: int) -> None:
+        """ProtocolError unless `crc` (of the payload as received) is the header's."""
+        if crc != self.crc:
+            raise ProtocolError(f"corrupt {self.type.name} record ({self.length} bytes): "
+                                "CRC mismatch")

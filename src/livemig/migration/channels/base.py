@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from livemig.migration.wire import (
     MAX_PAYLOAD,
+    Header,
     Readable,
     Record,
     RecordReader,
@@ -92,9 +93,21 @@ class Channel(ABC):
 
     def read(self, deadline: float | None = None) -> Record:
         """The next record (payload valid until the next read)."""
+        return self._reader().read(deadline)
+
+    def read_header(self, deadline: float | None = None) -> Header:
+        """The next record's header alone (`read_payload`, or the reader itself, for the
+        rest)."""
+        return self._reader().read_header(deadline)
+
+    def read_payload(self, head: Header, deadline: float | None = None) -> Record:
+        """The checked payload of the record whose header `read_header` returned."""
+        return self._reader().read_payload(head, deadline)
+
+    def _reader(self) -> RecordReader:
         if self.reader is None:
             raise TypeError(f"{self.kind} channel {self.role.value} is write-only")
-        return self.reader.read(deadline)
+        return self.reader
 
     def stats(self) -> dict[str, object]:
         """Per-channel figures for MigrationStats."""

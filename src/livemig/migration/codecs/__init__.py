@@ -13,13 +13,14 @@ from livemig.migration.codecs.base import Claim, Codec, PagePlacer, as_pages
 from livemig.migration.codecs.compress import Lz4Codec, ZstdCodec
 from livemig.migration.codecs.dedup import DedupCodec
 from livemig.migration.codecs.raw import RawCodec
+from livemig.migration.codecs.sparse import SparseCodec
 from livemig.migration.codecs.xbzrle import XbzrleCodec
 from livemig.migration.codecs.zero import ZeroCodec
 from livemig.migration.errors import ProtocolError
 from livemig.migration.options import MigrationOptions
 
-REGISTRY: list[Codec] = [XbzrleCodec(), DedupCodec(), ZeroCodec(), ZstdCodec(), Lz4Codec(),
-                         RawCodec()]
+REGISTRY: list[Codec] = [XbzrleCodec(), DedupCodec(), ZeroCodec(), SparseCodec(), ZstdCodec(),
+                         Lz4Codec(), RawCodec()]
 BY_NAME = {c.name: c for c in REGISTRY}
 BY_ID = {c.id: c for c in REGISTRY}
 SUPPORTED = [c.name for c in REGISTRY]

@@ -62,24 +62,29 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.repeat(starts - _excl_cumsum(lens), lens) + np.arange(total, dtype=np.int64)
 
 
-def encode(cur: np.ndarray, old: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deltas of pages `cur` against `old` (both (k, PAGE_SIZE) uint8).
+def encode(cur: np.ndarray, old: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deltas of pages `cur` against `old` (both (k, PAGE_SIZE) uint8; None: zero pages).
 
     Returns (ok, lens, data): which pages have a delta shorter than OVERFLOW, their lengths,
     and their deltas back to back (uint8), in page order."""
     k = len(cur)
     cur = np.ascontiguousarray(cur)
     # changed words first (cheap), then the changed bytes of those words only
-    x = cur.view(np.uint64) ^ np.ascontiguousarray(old).view(np.uint64)
+    if old is None:
+        x = cur.view(np.uint64)  # copied below only if it must be changed
+    else:
+        x = cur.view(np.uint64) ^ np.ascontiguousarray(old).view(np.uint64)
     fits = np.ones(k, dtype=bool)
     doubt = np.flatnonzero(np.count_nonzero(x, axis=1) >= OVERFLOW // 8)
     if len(doubt):  # enough changed words to hold too many changed bytes: count those
         xd = x if len(doubt) == k else np.take(x, doubt, axis=0)
         changed = (xd.view(np.uint8) != 0).sum(axis=1, dtype=np.int32)
         fits[doubt] = changed < OVERFLOW  # more new bytes than that: an overflow anyway
+        if old is None:
+            x = x.copy()
         x[~fits] = 0
     x = x.reshape(-1)
-    words = np.flatnonzero(x)  # page * WORDS + word
+    words = np.flatnonzero(x != 0)  # page * WORDS + word (a bool mask: 7x faster than u64)
     nzb = x[words].view(np.uint8).reshape(-1, 8) != 0
     bi = np.flatnonzero(nzb)
     g = words[bi >> 3] * 8 + (bi & 7)  # changed bytes: page * PAGE_SIZE + offset, ascending

@@ -44,6 +44,8 @@ class PreCopy(Strategy):
             rs.held_pages = held
             src.live_time += time.monotonic() - t
             src.live_bytes += rs.bytes_sent
+            sent = sum(rs.pages.values())
+            src.live_pages += sent
             dirty_mask = src.m.memory.fetch_dirty()
             rs.dirty_pages = int(np.count_nonzero(dirty_mask))
             src.stats.dirty_rate = rs.dirty_pages / max(rs.duration_ms / 1000, 1e-6)
@@ -55,8 +57,7 @@ class PreCopy(Strategy):
                 self.dirty_mask = live | self.hold.held
                 held = self.hold.held_count
             owed = rs.dirty_pages if self.hold is None else int(np.count_nonzero(self.dirty_mask))
-            bw = src.live_bytes / src.live_time if src.live_time else 0.0
-            d = conv.after_round(self.rounds, sum(rs.pages.values()), owed, bw, held)
+            d = conv.after_round(self.rounds, sent, owed, src.page_bandwidth(), held)
             src.set_throttle(d.throttle)
             switch = self.switch_now(src)
             if (d.stop and not self.keep_going(src, d.reason)) or switch:
