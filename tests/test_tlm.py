@@ -121,7 +121,7 @@ def test_destination_without_the_template_gets_it_shipped(
     empty.mkdir()
     _clone, stats, dst, res = migrate_clone(machines, tmp_path, template, empty,
                                             "--ship-template")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, (stats.get("error"), stats.get("events"))
     ev = events(stats)
     assert stats["status"] == "completed" and "tlm:shipped" in ev and "tlm:deltas" in ev, ev
     assert sum(stats["pages"].values()) < template.data_pages
