@@ -220,8 +220,11 @@ class Listener:
     def _template(self, chan: Channel, session: bytes, peer: str) -> None:
         """Take a template shipped for a migration in progress (TLM --ship-template)."""
         try:
-            with self._lock:
-                if session not in self._active:
+            # Dialled right after the main WELCOME, maybe before the main connection's thread
+            # has registered the migration (as RETURN joins, above).
+            with self._registered:
+                if not self._registered.wait_for(lambda: session in self._active,
+                                                 REGISTER_WAIT):
                     raise ProtocolError("a template connection for no migration in progress")
             t = template_ship.receive(chan, self.templates_dir)
             chan.send(RecordType.ROUND_ACK, records.pack({"round": 0}),
