@@ -39,7 +39,9 @@ def test_verify_guest_1g(machines, tmp_path: Path, mode: str) -> None:
     f = stats["faults"]
     assert stats["mode"] == mode and any(e["event"] == "postcopy" for e in stats["events"])
     if mode == "postcopy":  # hybrid owes only what the guest dirtied since its last round
-        assert f["pushed"] > 0 and f["count"] >= f["pulled"] > 0, f
+        # Whether the guest faults on a page before its push lands depends on timing (pulls
+        # are shown for sure by test_fault_is_served_ahead_of_the_push_queue).
+        assert f["pushed"] > 0 and f["count"] >= f["pulled"], f
         assert f["last_page_ms"] > 0
 
 
