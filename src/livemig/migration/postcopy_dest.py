@@ -296,7 +296,7 @@ class PostcopyReceiver:
             self.uffd.close()
             self.uffd = None
         self.placer = None
-        del self._ram
+        self._ram = np.zeros(0, dtype=np.uint8)  # drop the view of RAM (close may come twice)
         if self._alias is not None:
             try:
                 self._alias.close()

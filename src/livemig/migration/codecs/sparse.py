@@ -20,7 +20,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE
 from livemig.migration.codecs.base import Claim, Codec, PagePlacer
-from livemig.migration.codecs.xbzrle import encode, parse
+from livemig.migration.codecs.xbzrle import check_delta_lengths, encode, parse
 from livemig.migration.options import MigrationOptions
 
 SAMPLE_EVERY = 32  # words: a page is sampled at 16 words
@@ -49,9 +49,7 @@ class SparseCodec(Codec):
         return Claim(mask, sizes.astype(np.uint32), [data.data] if ok.any() else [])
 
     def check(self, lens: np.ndarray) -> str | None:
-        if np.any(lens == 0) or np.any(lens > PAGE_SIZE):
-            return f"a sparse page is empty or longer than {PAGE_SIZE} bytes"
-        return None
+        return check_delta_lengths(lens, "a sparse page")
 
     def place(self, idx: np.ndarray, lens: np.ndarray, data: memoryview, placer: PagePlacer,
               state: Any) -> None:

@@ -135,6 +135,13 @@ def encode(cur: np.ndarray, old: np.ndarray | None) -> tuple[np.ndarray, np.ndar
     return ok, sizes[ok], out
 
 
+def check_delta_lengths(lens: np.ndarray, what: str) -> str | None:
+    """Destination: None when every delta length is 1..PAGE_SIZE, else what is wrong."""
+    if np.any(lens == 0) or np.any(lens > PAGE_SIZE):
+        return f"{what} is empty or longer than {PAGE_SIZE} bytes"
+    return None
+
+
 def parse(lens: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Check deltas `data` (uint8, back to back, `lens` bytes each) and say where their new
     bytes go: (dst, src), flat offsets into the (k, PAGE_SIZE) pages and into `data`.
@@ -336,9 +343,7 @@ class XbzrleCodec(Codec):
         return Claim(mask, lens, out)
 
     def check(self, lens: np.ndarray) -> str | None:
-        if np.any(lens == 0) or np.any(lens > PAGE_SIZE):
-            return f"an xbzrle delta is empty or longer than {PAGE_SIZE} bytes"
-        return None
+        return check_delta_lengths(lens, "an xbzrle delta")
 
     def place(self, idx: np.ndarray, lens: np.ndarray, data: memoryview, placer: PagePlacer,
               state: Any) -> None:
