@@ -164,6 +164,20 @@ def test_fault_is_served_ahead_of_the_push_queue(machines, tmp_path: Path) -> No
     assert f["queue_at_pull"] > 500, f
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_fault_path_in_c(machines, tmp_path: Path, mode: str) -> None:
+    """Without --verify-memory, over plain sockets, faults are served by the C loops of both
+    sides (faultpath.py): requests and answers on the urgent connection, pushes installed by
+    the same loop; pushes are slowed so that pulls happen. The guest checks its own memory
+    at the destination."""
+    stats = migrate_verify_guest(machines, tmp_path, *MODES[mode], "--max-bandwidth", "1M",
+                                 verify_memory=False)
+    f = stats["faults"]
+    assert f["native"] is True, f
+    assert f["pulled"] > 0 and f["latency_ms"]["p50"] is not None, f
+    assert f["pushed"] + f["pulled"] > 0 and f["last_page_ms"] > 0, f
+
+
 def test_start_postcopy_by_hand(machines, tmp_path: Path) -> None:
     """`livemig ctl SOCK migrate-start-postcopy` switches a hybrid migration in its rounds."""
     src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")

@@ -40,7 +40,7 @@ from livemig.contract import (
     hold_device_ram,
     net_ports,
 )
-from livemig.migration import backing, handshake, hello, records, scan
+from livemig.migration import backing, faultpath, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -363,11 +363,24 @@ class Destination:
         if owed is not None:
             # never read from here on: a missing page would block this thread
             self.ram = self.direct = None
-            self.postcopy = PostcopyReceiver(self.machine.memory, owed, self.verify, self._t0)
+            self.postcopy = PostcopyReceiver(self.machine.memory, owed, self.verify, self._t0,
+                                             self._urgent_requests(d))
             self.postcopy.prepare()
         self._send(RecordType.READY)
         self.ready_at = time.monotonic()
         self.state = DestState.READY
+
+    def _urgent_requests(self, state: dict[str, object]) -> bool:
+        """Whether STATE moves page requests to the urgent connection (the C fault path on
+        both sides: faultpath.py); refused where this side could not do it."""
+        if state.get("urgent_requests") is not True:
+            return False
+        if (hello.FEATURE_URGENT_REQUESTS not in self.sess.features or self.verify is not None
+                or faultpath.plain_socket(self.sess.urgent) is None
+                or faultpath.plain_socket(self.sess.main) is None):
+            raise ProtocolError("STATE asks for page requests on the urgent connection, "
+                                "which this migration cannot do")
+        return True
 
     def _on_commit(self, rec: Record) -> None:
         assert self.machine is not None

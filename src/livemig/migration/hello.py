@@ -18,6 +18,7 @@ encodings it accepts among those offered; the source then uses nothing else.
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 from dataclasses import dataclass, field
 
@@ -38,9 +39,18 @@ FEATURE_STREAMS = "streams"  # PAGES may come on extra connections `pages-N` (--
 FEATURE_POSTCOPY = "postcopy"  # post-copy: urgent connection, page requests, recovery
 FEATURE_NET = "net-forward"  # frames forwarded after COMMIT on a `net` connection (--soft-net)
 FEATURE_HANDOVER = "fd-handover"  # RAM memfds travel with CONFIG (same host, unix socket)
+# post-copy: PAGE_REQUEST on the urgent connection, answered there (C loops: faultpath.py)
+FEATURE_URGENT_REQUESTS = "urgent-requests"
 MAX_TEMPLATES = 16  # template ids a hello may name
 KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS,
-                  FEATURE_POSTCOPY, FEATURE_NET, FEATURE_HANDOVER)
+                  FEATURE_POSTCOPY, FEATURE_NET, FEATURE_HANDOVER, FEATURE_URGENT_REQUESTS)
+
+
+def offered_features() -> list[str]:
+    """What this build can do: every known feature, less the C fault path where it was not
+    built (a source tree run without `pip install`)."""
+    native = importlib.util.find_spec("livemig._faultpath") is not None
+    return [f for f in KNOWN_FEATURES if native or f != FEATURE_URGENT_REQUESTS]
 
 
 @dataclass
@@ -54,7 +64,7 @@ class Hello:
 
     min_version: int = MIN_PROTOCOL_VERSION
     max_version: int = PROTOCOL_VERSION
-    features: list[str] = field(default_factory=lambda: list(KNOWN_FEATURES))
+    features: list[str] = field(default_factory=offered_features)
     encodings: list[str] = field(default_factory=list)
     software: str = "livemig"
     role: str = "main"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from livemig.migration import faultpath
 from livemig.migration.channels import Channel
 from livemig.migration.codecs import CodecSet
 from livemig.migration.errors import ConnectionLost, ProtocolError
@@ -101,6 +102,8 @@ class PageServer:
         self._push_enc = BatchEncoder(ram, stateless_codecs())
         self._pull_enc = BatchEncoder(ram, stateless_codecs())
         self.urgent: Channel | None = None
+        self._native: faultpath.RequestServer | None = None
+        self._native_cursor = 0
 
     @property
     def npages(self) -> int:
@@ -115,6 +118,43 @@ class PageServer:
             self._sent[:] = False
             self._queued = int(np.count_nonzero(self.owed))
             self._cursor = 0
+
+    def serve_natively(self) -> None:
+        """Answer requests coming on the urgent connection with the C loop (faultpath.py),
+        until `stop_native`."""
+        sock = faultpath.plain_socket(self.urgent)
+        assert sock is not None
+        self._native = faultpath.RequestServer(sock, int(self.ram.ctypes.data), self.owed,
+                                               self._sent)
+
+    def stop_native(self) -> None:
+        """End the C loop; what it sent joins the counts. Requests come on the return path
+        from now on (the destination's Python path, as after a recovery)."""
+        server, self._native = self._native, None
+        if server is None:
+            return
+        server.stop()
+        c = server.counters
+        with self.counts.lock:
+            self.counts.requests += int(c[faultpath.S_REQUESTS])
+            self.counts.pulled += int(c[faultpath.S_PULLED])
+            self.counts.bytes_sent += int(c[faultpath.S_BYTES])
+            self.counts.pulled_ahead += int(c[faultpath.S_AHEAD])
+            self.counts.queue_at_pull = max(self.counts.queue_at_pull,
+                                            int(c[faultpath.S_QUEUE_MAX]))
+
+    def _follow_native(self, todo: np.ndarray) -> None:
+        """Under the lock: restart pushes after the C loop's latest answer, and tell it how
+        many pages are queued (for `queue_at_pull`)."""
+        server = self._native
+        if server is None:
+            return
+        c = server.counters
+        cursor = int(c[faultpath.S_CURSOR])
+        if cursor != self._native_cursor:
+            self._native_cursor = cursor
+            self._cursor = cursor % self.npages
+        c[faultpath.S_QUEUED] = int(np.count_nonzero(todo))
 
     def on_request(self, rec: Record) -> None:
         """A PAGE_REQUEST: send those pages on the urgent connection now."""
@@ -149,6 +189,7 @@ class PageServer:
         """The next batch of pages owed and not yet sent, from the cursor on (wrapping)."""
         with self._lock:
             todo = self.owed & ~self._sent
+            self._follow_native(todo)
             after = np.flatnonzero(todo[self._cursor :])[:MAX_BATCH] + self._cursor
             if len(after) < MAX_BATCH:
                 before = np.flatnonzero(todo[: self._cursor])[: MAX_BATCH - len(after)]

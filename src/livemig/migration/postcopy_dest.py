@@ -21,6 +21,7 @@ hold the GIL that the fault thread needs).
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import numpy as np
 from livemig.contract import PAGE_SIZE, GuestMemory
 from livemig.extents import data_pages, runs
 from livemig.memfd import punch_pages, unmap_pages
-from livemig.migration import handoff, records
+from livemig.migration import faultpath, handoff, records
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel
 from livemig.migration.codecs import CodecSet
@@ -173,7 +174,7 @@ class PostcopyReceiver:
     """Everything the destination does between STATE and COMPLETE in a post-copy."""
 
     def __init__(self, memory: GuestMemory, owed: np.ndarray, verify: VerifyTable | None,
-                 t0: float) -> None:
+                 t0: float, native: bool = False) -> None:
         self.memory = memory
         self.owed = owed
         self.verify = verify
@@ -197,6 +198,9 @@ class PostcopyReceiver:
         self._threads: list[threading.Thread] = []
         self._handoff = False  # holds a short GIL switch interval (handoff.py)
         self._alias: mmap.mmap | None = None  # second mapping of RAM, for MINOR pages
+        self.native = native  # the C fault path (faultpath.py) serves from COMMIT on
+        self._loop: faultpath.FaultLoop | None = None
+        self._arrays: faultpath.FaultArrays | None = None
 
     # -- before READY -----------------------------------------------------------------------
 
@@ -236,10 +240,69 @@ class PostcopyReceiver:
 
     def start(self, links: Links) -> None:
         """Serve faults, and read pages from `links` (call before the guest runs)."""
+        if self.native:
+            self._start_native(links)
+            return
         handoff.acquire()
         self._handoff = True
         self._spawn(self._fault_loop, "postcopy-faults")
         self._attach(links)
+
+    def _start_native(self, links: Links) -> None:
+        assert self.uffd is not None and self.placer is not None
+        main, urgent = faultpath.plain_socket(links.main), faultpath.plain_socket(links.urgent)
+        if main is None or urgent is None:
+            raise ProtocolError("page requests on the urgent connection need plain sockets")
+        self.links = links
+        self.stats.native = True
+        alias = self.placer.alias
+        self._arrays = faultpath.FaultArrays.new(self.owed, self.placer.minor, self.received)
+        self._loop = faultpath.FaultLoop(self.uffd.fd, main, urgent, self.base,
+                                         0 if alias is None else int(alias.ctypes.data),
+                                         self._arrays, self.remaining)
+
+    def _stop_native(self) -> MigrationError | None:
+        """End the C loop; its figures and the faults still waiting become Python's."""
+        loop, arrays = self._loop, self._arrays
+        if loop is None or arrays is None:
+            return None
+        loop.stop()
+        c = loop.counters
+        with self._lock:
+            st = self.stats
+            st.count += int(c[faultpath.D_FAULTS])
+            st.pulled += int(c[faultpath.D_PULLED])
+            st.pushed += int(c[faultpath.D_PUSHED])
+            st.zero_filled += int(c[faultpath.D_ZERO])
+            st.latency_ms.extend(loop.latencies_ms())
+            st.blocked_ms += int(c[faultpath.D_BLOCKED_NS]) / 1e6
+            if c[faultpath.D_LAST_NS]:
+                st.last_page_ms = (int(c[faultpath.D_LAST_NS]) / 1e9 - self.t0) * 1000
+            self.bytes_received += int(c[faultpath.D_BYTES])
+            self.remaining = loop.remaining
+            self._waiters = arrays.waiting()
+            if self.placer is not None:  # pages the loop mapped are the guest's now
+                self.placer.claimed |= self.received & self.placer.minor
+        error = loop.error()
+        loop.close()
+        self._loop = self._arrays = None
+        return error
+
+    def _native_wait(self) -> MigrationError | None:
+        """Until the C loop has every page (None) or failed: then Python's path takes over
+        (faults keep being served), and the failure is returned."""
+        loop = self._loop
+        assert loop is not None
+        while loop.remaining and loop.result is None:
+            os.eventfd_read(loop.done)
+        if not loop.remaining:
+            return None
+        error = self._stop_native() or ConnectionLost("post-copy fault loop ended")
+        handoff.acquire()
+        self._handoff = True
+        self._spawn(self._fault_loop, "postcopy-faults")
+        self._broken(error)
+        return error
 
     def _spawn(self, target: object, name: str, *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
@@ -257,11 +320,15 @@ class PostcopyReceiver:
 
     def wait(self) -> MigrationError | None:
         """Block until every owed page is here (None) or a connection broke (its error)."""
+        if self._loop is not None:
+            return self._native_wait()
         with self._changed:
             self._changed.wait_for(lambda: self.remaining == 0 or self.failure is not None)
             return None if self.remaining == 0 else self.failure
 
     def missing(self) -> int:
+        if self._loop is not None:
+            return self._loop.remaining
         with self._lock:
             return self.remaining
 
@@ -280,6 +347,7 @@ class PostcopyReceiver:
     def finish(self) -> None:
         """All pages are here: COMPLETE with the figures, then unregister RAM."""
         assert self.links is not None
+        self._stop_native()
         figures = self.stats.to_json()
         self.links.back.send(RecordType.COMPLETE, records.pack(
             {"faults": figures, "latency_ms": [round(x, 4) for x in self.stats.latency_ms],
@@ -288,6 +356,7 @@ class PostcopyReceiver:
 
     def close(self) -> None:
         """Stop the threads and unregister (waiters then find their page or fill a hole)."""
+        self._stop_native()
         self._stop.set()
         if self._handoff:
             self._handoff = False

@@ -474,6 +474,7 @@ class Source:
         if owed is not None:
             payload["owed"] = pack_bitmap(owed)
             self.stats.event("postcopy")
+        payload.update(self.strategy.state_fields(self))
         self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
         try:

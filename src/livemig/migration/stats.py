@@ -56,6 +56,7 @@ class FaultStats:
     recoveries: int = 0
     pulled_ahead: int = 0  # source: pages a fault asked for while still queued for a push
     queue_at_pull: int = 0  # source: most pages queued for pushing when a request came
+    native: bool = False  # faults were served by the C loops (faultpath.py), not Python's
 
     def percentile(self, p: float) -> float | None:
         lat = sorted(self.latency_ms)
@@ -76,7 +77,8 @@ class FaultStats:
                 "histogram": self.histogram(), "blocked_ms": round(self.blocked_ms, 3),
                 "pushed": self.pushed, "pulled": self.pulled, "zero_filled": self.zero_filled,
                 "last_page_ms": round(self.last_page_ms, 3), "recoveries": self.recoveries,
-                "pulled_ahead": self.pulled_ahead, "queue_at_pull": self.queue_at_pull}
+                "pulled_ahead": self.pulled_ahead, "queue_at_pull": self.queue_at_pull,
+                "native": self.native}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], latency_ms: list[float]) -> FaultStats:
@@ -84,7 +86,8 @@ class FaultStats:
         return cls(int(d.get("count", 0)), [float(x) for x in latency_ms],
                    float(d.get("blocked_ms", 0.0)), int(d.get("pushed", 0)),
                    int(d.get("pulled", 0)), int(d.get("zero_filled", 0)),
-                   float(d.get("last_page_ms", 0.0)), int(d.get("recoveries", 0)))
+                   float(d.get("last_page_ms", 0.0)), int(d.get("recoveries", 0)),
+                   native=d.get("native") is True)
 
 
 @dataclass

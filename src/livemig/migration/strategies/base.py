@@ -48,5 +48,9 @@ class Strategy(ABC):
         go in STATE. None for strategies that send every page before it."""
         return None
 
+    def state_fields(self, src: Source) -> dict[str, Any]:
+        """Fields to add to STATE (post-copy: how page requests travel)."""
+        return {}
+
     def after_commit(self, src: Source) -> None:  # noqa: B027 - most strategies: none
         """Called once the destination confirmed RUNNING."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livemig.migration import handoff, records, scan
+from livemig.migration import faultpath, handoff, hello, records, scan
 from livemig.migration.errors import ConnectionLost, Timeout
 from livemig.migration.pageserver import PageServer
 from livemig.migration.stats import FaultStats
@@ -34,6 +34,7 @@ class PostcopyTail:
 
     def __init__(self) -> None:
         self.server: PageServer | None = None
+        self.native = False  # page requests on the urgent connection, served in C
         self._complete: list[Record] = []
         self._done = threading.Event()  # COMPLETE came
 
@@ -43,6 +44,10 @@ class PostcopyTail:
         assert src.session.urgent is not None
         self.server = PageServer(src.ram, owed, src.limiter)
         self.server.reconnected(src.session.urgent, None)
+        self.native = (faultpath.available() and not src.opts.verify_memory
+                       and hello.FEATURE_URGENT_REQUESTS in src.session.features
+                       and faultpath.plain_socket(src.session.urgent) is not None
+                       and faultpath.plain_socket(src.main) is not None)
         src.ret.handlers.update(self._handlers())  # COMPLETE may come right after RUNNING
         src.stats.event(f"postcopy-owed:{int(np.count_nonzero(owed))}")
         return np.zeros(0, dtype=np.int64)
@@ -59,19 +64,26 @@ class PostcopyTail:
     def owed_pages(self, src: Source) -> np.ndarray | None:
         return None if self.server is None else self.server.owed
 
+    def state_fields(self, src: Source) -> dict[str, Any]:
+        return {"urgent_requests": True} if self.server is not None and self.native else {}
+
     def after_commit(self, src: Source) -> None:
         if self.server is None:
             return  # hybrid that converged: it finished as pre-copy
         handoff.acquire()  # requests are answered on the return path's thread: promptly
+        if self.native:
+            self.server.serve_natively()
         try:
             while True:
                 try:
                     self._push_and_wait(src, self.server)
                     break
                 except ConnectionLost as e:
+                    self.server.stop_native()  # after a recovery, Python's path on both sides
                     missing = src.recover_postcopy(e, self._handlers())
                     self.server.reconnected(src.urgent_channel(), missing)
         finally:
+            self.server.stop_native()
             handoff.release()
         counts = self.server.counts
         src.stats.bytes_sent += counts.bytes_sent
