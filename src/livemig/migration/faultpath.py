@@ -173,6 +173,12 @@ class FaultLoop(_Loop):
     def latencies_ms(self) -> list[float]:
         return self.latency[: min(int(self.counters[D_NLAT]), LATENCY_SAMPLES)].tolist()
 
+    def stop(self) -> int | None:
+        result = super().stop()
+        if self.done >= 0:
+            os.eventfd_write(self.done, 1)  # a waiter on `done` sees the loop has ended
+        return result
+
     def close(self) -> None:
         self.stop()
         if self.done >= 0:

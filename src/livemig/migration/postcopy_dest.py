@@ -297,6 +297,8 @@ class PostcopyReceiver:
             os.eventfd_read(loop.done)
         if not loop.remaining:
             return None
+        if self._stop.is_set():
+            return ConnectionLost("post-copy ended here (closed)")
         error = self._stop_native() or ConnectionLost("post-copy fault loop ended")
         handoff.acquire()
         self._handoff = True
@@ -356,8 +358,8 @@ class PostcopyReceiver:
 
     def close(self) -> None:
         """Stop the threads and unregister (waiters then find their page or fill a hole)."""
-        self._stop_native()
         self._stop.set()
+        self._stop_native()
         if self._handoff:
             self._handoff = False
             handoff.release()
