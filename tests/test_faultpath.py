@@ -218,3 +218,23 @@ def test_a_malformed_request_ends_the_source_loop_cleanly(data: bytes) -> None:
         server.stop()
         sock.close()
         peer.close()
+
+
+def test_a_peer_that_stops_reading_does_not_hold_the_source_loop() -> None:
+    """Answers to 4096 requested pages fill the socket; the peer reads none: stop() still
+    ends the loop (its sends wait on the stop signal too)."""
+    content = _content()
+    sock, peer = _pair()
+    server = faultpath.RequestServer(sock, int(content.ctypes.data), np.ones(NPAGES, bool),
+                                     np.zeros(NPAGES, bool))
+    try:
+        peer.send(RecordType.PAGE_REQUEST, encode_request(list(range(NPAGES)) * 64))
+        threading.Event().wait(0.2)
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "stop() hung on a blocked send"
+        assert server.result == 0
+    finally:
+        sock.close()
+        peer.close()

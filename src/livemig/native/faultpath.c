@@ -87,18 +87,20 @@ static int check_header(const uint8_t *h, int type, uint32_t max_len, uint32_t *
     return *len > max_len ? R_PROTOCOL : 0;
 }
 
-/* write every byte of iov (advancing it); 0 or -errno */
-static int write_all(int fd, struct iovec *iov, int cnt) {
+/* write every byte of iov (advancing it) unless stop_fd becomes readable first (a peer that
+ * stopped reading must not hold a loop that is asked to end): 0, STOP_SEEN or -errno */
+#define STOP_SEEN 100
+static int write_all(int fd, int stop_fd, struct iovec *iov, int cnt) {
     while (cnt > 0) {
-        ssize_t n = writev(fd, iov, cnt > 1024 ? 1024 : cnt);
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)(cnt > 1024 ? 1024 : cnt)};
+        ssize_t n = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN) {
-                struct pollfd p = {fd, POLLOUT, 0};
-                poll(&p, 1, 1000);
-                continue;
-            }
-            return -errno;
+            if (errno != EAGAIN) return -errno;
+            struct pollfd p[2] = {{fd, POLLOUT, 0}, {stop_fd, POLLIN, 0}};
+            if (poll(p, 2, -1) < 0 && errno != EINTR) return -errno;
+            if (p[1].revents) return STOP_SEEN;
+            continue;
         }
         while (cnt > 0 && (size_t)n >= iov->iov_len) {
             n -= (ssize_t)iov->iov_len;
@@ -117,8 +119,7 @@ static size_t meta_size(size_t n) { return (8 + n * 13 + 7) & ~(size_t)7; }
 
 /* ---- source: the request server ---------------------------------------------------------- */
 
-/* read exactly n bytes unless stop_fd becomes readable: 0, R_STOPPED+100, R_CLOSED, -errno */
-#define STOP_SEEN 100
+/* read exactly n bytes unless stop_fd becomes readable: 0, STOP_SEEN, R_CLOSED, -errno */
 static int read_exact(int fd, int stop_fd, uint8_t *buf, size_t n) {
     size_t got = 0;
     while (got < n) {
@@ -171,7 +172,7 @@ static int answer(Server *s, const uint64_t *idx, size_t n) {
     s->iov[1] = (struct iovec){meta, m};
     for (size_t i = 0; i < n; i++)
         s->iov[2 + i] = (struct iovec){(void *)(s->ram + idx[i] * PAGE), PAGE};
-    int rc = write_all(s->sock, s->iov, (int)n + 2);
+    int rc = write_all(s->sock, s->stop_fd, s->iov, (int)n + 2);
     if (rc) return rc;
     int64_t ahead = 0;
     for (size_t i = 0; i < n; i++) {
@@ -208,7 +209,7 @@ static int serve(Server *s) {
             if (req[i] >= (uint64_t)s->npages) return R_PROTOCOL;
         for (size_t i = 0; i < n; i += MAX_BATCH) {
             rc = answer(s, req + i, n - i < MAX_BATCH ? n - i : MAX_BATCH);
-            if (rc) return rc;
+            if (rc) return rc == STOP_SEEN ? R_STOPPED : rc;
         }
         __atomic_fetch_add(&s->count[S_REQUESTS], 1, __ATOMIC_RELAXED);
     }
@@ -293,7 +294,7 @@ static void add(Dest *d, int i, int64_t v) { __atomic_fetch_add(&d->count[i], v,
 
 /* rc, noting which connection failed (the first failure wins) */
 static int fail(Dest *d, int which, int rc) {
-    if (rc) {
+    if (rc && rc != STOP_SEEN) {
         int64_t none = FD_NONE;
         __atomic_compare_exchange_n(&d->count[D_FAILED_FD], &none, which, 0, __ATOMIC_RELAXED,
                                     __ATOMIC_RELAXED);
@@ -462,7 +463,7 @@ static int send_requests(Dest *d) {
     struct iovec iov[2] = {{h, HDR}, {d->req, len}};
     d->nreq = 0;
     add(d, D_REQUESTS, 1);
-    return fail(d, FD_URGENT, write_all(d->urgent.fd, iov, 2));
+    return fail(d, FD_URGENT, write_all(d->urgent.fd, d->stop_fd, iov, 2));
 }
 
 static int on_fault(Dest *d, uint64_t addr, int minor) {
@@ -536,7 +537,7 @@ static int run_dest(Dest *d) {
         int rc = p[1].revents ? read_faults(d) : 0;
         if (!rc && p[2].revents) rc = pump(d, &d->urgent, SIZE_MAX);
         if (!rc && p[3].revents) rc = pump(d, &d->main, RECV_CHUNK);
-        if (rc) return rc;
+        if (rc) return rc == STOP_SEEN ? R_STOPPED : rc;
     }
 }
 
