@@ -66,7 +66,7 @@ from livemig.migration.verify import VerifyTable
 from livemig.migration.wire import HEADER_SIZE, MAX_PAYLOAD, Header, Record, RecordType
 from livemig.probe import ProbeKind
 
-FIRST_HEARTBEAT_WAIT = 2.0  # seconds the destination waits for the guest's first heartbeat
+FIRST_HEARTBEAT_WAIT = 5.0  # seconds the destination waits for the guest's first heartbeat
 IDLE_TIMEOUT = 60.0  # seconds without a record before an incoming migration is given up
 COMMIT_MARGIN = 2.0  # seconds READY waits for COMMIT beyond the source's switch-over limit
 DEFAULT_SWITCHOVER_S = 30.0

@@ -56,6 +56,7 @@ SCAN_CHUNK = 32768  # pages scanned for zeroes at a time in the first round (128
 PROGRESS_EVERY = 0.05  # seconds between progress callbacks
 HELLO_TIMEOUT = 30.0  # seconds for the destination's WELCOME, proofs and CONFIG_OK
 ABORT_GRACE = 1.0  # seconds an ABORT may take to go out on a failing link
+REPORT_WAIT = 8.0  # seconds for REPORT: the destination waits up to 5 s for a first heartbeat
 
 
 class SourceState(enum.Enum):
@@ -618,7 +619,7 @@ class Source:
                 and not self.running_lost):
             try:
                 assert self.ret is not None
-                rec = self.ret.expect(RecordType.REPORT, time.monotonic() + 5)
+                rec = self.ret.expect(RecordType.REPORT, time.monotonic() + REPORT_WAIT)
                 first_dest = records.unpack(rec.payload, "REPORT").get("first_heartbeat")
             except MigrationError:
                 first_dest = None
