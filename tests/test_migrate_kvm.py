@@ -86,10 +86,11 @@ def last_beat(m: Any) -> int:
 
 
 def healthy_for(m: Any, seconds: float) -> None:
-    """The guest keeps heartbeating (a new beat within `seconds` + 3 s) and reports no failure."""
+    """The guest keeps heartbeating (a new beat within `seconds` + 10 s: a loaded nested host
+    runs guests slowly) and reports no failure."""
     start = last_beat(m)
     time.sleep(seconds)
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 10
     while last_beat(m) <= start and time.monotonic() < deadline:
         time.sleep(0.05)
     assert m.error is None, m.error

@@ -25,7 +25,7 @@ def test_save_restore_in_another_process(machines, tmp_path: Path, workload: str
                                          cmdline: str) -> None:
     src = machines(["run", image(workload), "--mem", "512M", "--vcpus", "2",
                     "--append", cmdline], "src")
-    src.wait_heartbeat_above(2, timeout=30)
+    src.wait_heartbeat_above(2, timeout=60)  # two vCPUs booting on a loaded host
     snap = tmp_path / "snap.lms"
     res = run_cli("save", src.control, str(snap), "--stop")
     assert res.returncode == 0, res.stderr
