@@ -476,6 +476,7 @@ class Source:
             self.stats.event("postcopy")
         self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
+        self.strategy.state_sent(self)
         try:
             self.expect(RecordType.READY, self.deadline or time.monotonic())
         except ConnectionLost:

@@ -33,19 +33,28 @@ class PostcopyTail:
     """What post-copy and hybrid share: the owed pages, and the page server after COMMIT."""
 
     def __init__(self) -> None:
+        self.owed: np.ndarray | None = None  # bool per page, from the pause on
         self.server: PageServer | None = None
         self._complete: list[Record] = []
         self._done = threading.Event()  # COMPLETE came
 
     def begin(self, src: Source, owed: np.ndarray) -> np.ndarray:
-        """With the guest paused: serve `owed` from now on; the last round sends nothing."""
+        """With the guest paused: `owed` goes in STATE, and is served after COMMIT; the last
+        round sends nothing."""
+        self.owed = owed
+        return np.zeros(0, dtype=np.int64)
+
+    def state_sent(self, src: Source) -> None:
+        """The page server, set up while the destination loads STATE (it must be there by
+        COMMIT: requests and COMPLETE may come right after RUNNING)."""
+        if self.owed is None:
+            return  # hybrid that converged: it finishes as pre-copy
         assert src.ret is not None and src.session is not None
         assert src.session.urgent is not None
-        self.server = PageServer(src.ram, owed, src.limiter)
+        self.server = PageServer(src.ram, self.owed, src.limiter)
         self.server.reconnected(src.session.urgent, None)
-        src.ret.handlers.update(self._handlers())  # COMPLETE may come right after RUNNING
-        src.stats.event(f"postcopy-owed:{int(np.count_nonzero(owed))}")
-        return np.zeros(0, dtype=np.int64)
+        src.ret.handlers.update(self._handlers())
+        src.stats.event(f"postcopy-owed:{int(np.count_nonzero(self.owed))}")
 
     def _handlers(self) -> dict[RecordType, Callable[[Record], None]]:
         assert self.server is not None
@@ -57,7 +66,7 @@ class PostcopyTail:
         self._done.set()
 
     def owed_pages(self, src: Source) -> np.ndarray | None:
-        return None if self.server is None else self.server.owed
+        return self.owed
 
     def after_commit(self, src: Source) -> None:
         if self.server is None:
