@@ -35,13 +35,16 @@ def present_pages(fd: int, size: int) -> np.ndarray:
 
 def unmap_runs(base: int, mask: np.ndarray) -> None:
     """MADV_DONTNEED every run of pages set in `mask`, in the mapping at address `base`."""
+    if not mask.any():
+        return
     for first, count in runs(mask):
         unmap_pages(base + first * PAGE_SIZE, count * PAGE_SIZE)
 
 
 class PrepareAhead:
     """The destination's head start on post-copy: which pages its memfd held when PREPARE
-    came (`present`), and which of them it has unmapped since (`unmapped`)."""
+    came (`present`), and which of those are still mapped here (`mapped`: not unmapped for
+    a PREPARE)."""
 
     def __init__(self, memory: GuestMemory, placed: int) -> None:
         """`placed`: the destination's count of page batches placed so far; the head start
@@ -52,7 +55,7 @@ class PrepareAhead:
         self.base = int(np.frombuffer(memory.view(), dtype=np.uint8).ctypes.data)
         self.placed = placed
         self.present = present_pages(memory.fd, memory.size)
-        self.unmapped = np.zeros(len(self.present), dtype=bool)
+        self.mapped = self.present.copy()
 
     def valid(self, placed: int) -> bool:
         """Whether `present` still holds: no page was placed since the walk."""
@@ -61,7 +64,7 @@ class PrepareAhead:
     def hint(self, owed: np.ndarray) -> int:
         """Unmap the present pages among `owed` (bool per page) not unmapped yet; returns
         how many were."""
-        todo = self.present & owed & ~self.unmapped
+        todo = self.mapped & owed
         unmap_runs(self.base, todo)
-        self.unmapped |= todo
+        self.mapped &= ~todo
         return int(np.count_nonzero(todo))

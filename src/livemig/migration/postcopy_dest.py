@@ -208,7 +208,7 @@ class PostcopyReceiver:
         MADV_DONTNEED where the kernel has MINOR faults for shmem: its stale contents stay in
         the memfd, to be overwritten and mapped again; ten times cheaper than punching it out
         (which frees it, and a push then allocates it again). Elsewhere it is punched out.
-        `ahead` (hybrid, still valid): what PREPARE found present and unmapped already.
+        `ahead` (hybrid, still valid): what PREPARE found present, and unmapped already.
         """
         fd = self.memory.fd
         if fd is None:
@@ -224,7 +224,7 @@ class PostcopyReceiver:
             self._alias = mmap.mmap(fd, self.memory.size, mmap.MAP_SHARED,
                                     mmap.PROT_READ | mmap.PROT_WRITE)
             alias = np.frombuffer(self._alias, np.uint8).reshape(-1, PAGE_SIZE)
-            unmap_runs(self.base, stale if ahead is None else stale & ~ahead.unmapped)
+            unmap_runs(self.base, stale if ahead is None else ahead.mapped & self.owed)
         else:
             for first, count in runs(stale):
                 punch_pages(fd, first, count)
