@@ -104,9 +104,13 @@ class Hybrid(PostcopyTail, PreCopy):
     def final_pages(self, src: Source) -> np.ndarray | None:
         if not self._switching(src):
             return PreCopy.final_pages(self, src)  # a final round within --max-downtime
-        owed = self.final_mask(src)
-        src.step("dirty-bitmap")  # dirty logging stops after COMMIT, not while paused
-        return self.begin(src, owed)
+        return PostcopyTail.final_pages(self, src)
+
+    def owed_pages(self, src: Source) -> np.ndarray | None:
+        return PostcopyTail.owed_pages(self, src) if self._switching(src) else None
+
+    def find_owed(self, src: Source) -> np.ndarray:
+        return self.final_mask(src)  # dirty logging stops after COMMIT, not while paused
 
     def after_commit(self, src: Source) -> None:
         PostcopyTail.after_commit(self, src)

@@ -38,11 +38,21 @@ class PostcopyTail:
         self._complete: list[Record] = []
         self._done = threading.Event()  # COMPLETE came
 
-    def begin(self, src: Source, owed: np.ndarray) -> np.ndarray:
-        """With the guest paused: `owed` goes in STATE, and is served after COMMIT; the last
-        round sends nothing."""
-        self.owed = owed
+    def final_pages(self, src: Source) -> np.ndarray | None:
+        """The last round sends nothing: it goes out at once, and the destination handles it
+        while this side saves the machine's state and finds what is owed (`owed_pages`)."""
         return np.zeros(0, dtype=np.int64)
+
+    def owed_pages(self, src: Source) -> np.ndarray | None:
+        """With the guest paused, right before STATE: the pages owed, served after COMMIT."""
+        if self.owed is None:
+            self.owed = self.find_owed(src)
+            src.step("owed-bitmap")
+        return self.owed
+
+    def find_owed(self, src: Source) -> np.ndarray:
+        """Bool per page: what the destination must fetch after COMMIT (guest paused)."""
+        raise NotImplementedError
 
     def state_sent(self, src: Source) -> None:
         """The page server, set up while the destination loads STATE (it must be there by
@@ -64,9 +74,6 @@ class PostcopyTail:
     def _on_complete(self, rec: Record) -> None:
         self._complete.append(Record(rec.type, memoryview(bytes(rec.payload))))
         self._done.set()
-
-    def owed_pages(self, src: Source) -> np.ndarray | None:
-        return self.owed
 
     def after_commit(self, src: Source) -> None:
         if self.server is None:
@@ -123,5 +130,5 @@ class PostCopy(PostcopyTail, Strategy):
     name = "postcopy"
     postcopy = True
 
-    def final_pages(self, src: Source) -> np.ndarray | None:
-        return self.begin(src, scan.populated(src.m.memory))
+    def find_owed(self, src: Source) -> np.ndarray:
+        return scan.populated(src.m.memory)
