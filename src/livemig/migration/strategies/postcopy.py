@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 COMPLETE_WAIT = 60.0  # seconds from the last push to COMPLETE before the link counts as lost
 
 
-class PostcopyTail:
+class PostcopyTail(ABC):
     """What post-copy and hybrid share: the owed pages, and the page server after COMMIT."""
 
     def __init__(self) -> None:
@@ -50,9 +51,9 @@ class PostcopyTail:
             src.step("owed-bitmap")
         return self.owed
 
+    @abstractmethod
     def find_owed(self, src: Source) -> np.ndarray:
         """Bool per page: what the destination must fetch after COMMIT (guest paused)."""
-        raise NotImplementedError
 
     def state_sent(self, src: Source) -> None:
         """The page server, set up while the destination loads STATE (it must be there by
