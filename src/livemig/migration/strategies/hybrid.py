@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from livemig.migration.source import Source
 
 PREPARE_WAIT = 30.0  # seconds the destination may take to answer PREPARE (guest running)
-PREPARE_PASSES = 3  # PREPAREs at most before the pause
+PREPARE_PASSES = 2  # PREPAREs at most before the pause (each wait lets the guest dirty more)
 PREPARE_ENOUGH = 256  # pages newly dirtied during a PREPARE below which no other is sent
 CHECK_EVERY = 0.05  # seconds between cancel checks while PREPARED is awaited
 
