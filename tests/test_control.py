@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from conftest import AUTH, LIVEMIG, ROOT, Listener, image, needs_kvm, run_cli, w
 from test_cli_errors import closed_port, one_line
 
 import livemig
-from livemig.control import ControlError, default_control_dir, request
+from livemig.control import ControlError, ControlServer, default_control_dir, request
 
 OTHER_UID = 65534  # nobody
 SRC = str(Path(livemig.__file__).resolve().parent.parent)
@@ -239,3 +240,32 @@ def test_successful_retry_after_a_failed_migration(machines, tmp_path: Path) -> 
         dst.ctl("quit")
     finally:
         dst.stop()
+
+
+def test_close_lets_a_reply_being_written_go_out(tmp_path: Path) -> None:
+    """A handler may end the process (a migrated-away host goes once its final status is
+    read): close() waits for the replies being written, so the client still gets its own."""
+    d = tmp_path / "ctl"
+    d.mkdir(mode=0o700)
+    server = ControlServer(str(d / "s.sock"))
+    asked, release = threading.Event(), threading.Event()
+
+    def final(_req: dict) -> dict:
+        asked.set()  # what lets the host go, as query-migrate's final status does
+        release.wait(10)
+        return {"status": "completed"}
+
+    server.register("final", final)
+    server.start()
+    replies: list[dict] = []
+    client = threading.Thread(target=lambda: replies.append(request(server.path, "final")))
+    client.start()
+    assert asked.wait(10)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while a reply was still being written"
+    release.set()
+    closer.join(10)
+    client.join(10)
+    assert not closer.is_alive() and replies and replies[0]["status"] == "completed"

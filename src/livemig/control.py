@@ -23,6 +23,7 @@ from typing import Any
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 MAX_REQUEST = 1 << 20
+REPLY_GRACE = 2.0  # seconds close() waits for replies being written
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -108,6 +109,10 @@ class ControlServer:
         self._sock.listen(8)
         self._uid = os.geteuid()
         self._closed = False
+        # Requests being answered: close() lets their replies go out first (a handler may
+        # end the process, as a migrated-away host does once its final status is read).
+        self._answering = 0
+        self._answered = threading.Condition()
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
 
     def register(self, name: str, fn: Handler) -> None:
@@ -117,7 +122,10 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop accepting; replies being written are given up to REPLY_GRACE to go out."""
         self._closed = True
+        with self._answered:
+            self._answered.wait_for(lambda: self._answering == 0, REPLY_GRACE)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -165,12 +173,19 @@ class ControlServer:
         try:
             with conn, conn.makefile("rwb") as f:
                 for line in f:
-                    if len(line) > MAX_REQUEST:
-                        reply: dict[str, Any] = {"ok": False, "error": "request too large"}
-                    else:
-                        reply = self.dispatch(line)
-                    f.write(json.dumps(reply).encode() + b"\n")
-                    f.flush()
+                    with self._answered:
+                        self._answering += 1
+                    try:
+                        if len(line) > MAX_REQUEST:
+                            reply: dict[str, Any] = {"ok": False, "error": "request too large"}
+                        else:
+                            reply = self.dispatch(line)
+                        f.write(json.dumps(reply).encode() + b"\n")
+                        f.flush()
+                    finally:
+                        with self._answered:
+                            self._answering -= 1
+                            self._answered.notify_all()
         except OSError:
             pass  # the client went away
 

@@ -3,6 +3,7 @@
     (hello, AUTH: handshake.py)  --> AWAIT_CONFIG
     AWAIT_CONFIG --CONFIG (machine built, CONFIG_OK sent)--> RECEIVING
     RECEIVING --PAGES | ROUND_END (ROUND_ACK sent) | VERIFY--> RECEIVING
+    RECEIVING --PREPARE (hybrid: owed pages unmapped ahead, PREPARED sent)--> RECEIVING
     RECEIVING --STATE (loaded, memory verified, READY sent)--> READY
     READY --COMMIT (outcome recorded, machine started, RUNNING, REPORT)--> RUNNING
           (from a file: the stream ends there, and the caller starts the machine)
@@ -55,6 +56,7 @@ from livemig.migration.errors import (
 )
 from livemig.migration.netforward import NetReceiver
 from livemig.migration.pageserver import unpack_bitmap
+from livemig.migration.postcopy_ahead import PrepareAhead
 from livemig.migration.postcopy_dest import Links, PostcopyReceiver
 from livemig.migration.prefault import Prefaulter
 from livemig.migration.resolve import Outcomes
@@ -94,7 +96,7 @@ ALLOWED: dict[DestState, set[RecordType]] = {
     DestState.AWAIT_CONFIG: {RecordType.CONFIG, RecordType.ABORT},
     DestState.RECEIVING: {
         RecordType.PAGES, RecordType.ROUND_END, RecordType.VERIFY, RecordType.STATE,
-        RecordType.ABORT,
+        RecordType.PREPARE, RecordType.ABORT,
     },
     DestState.READY: {RecordType.COMMIT, RecordType.ABORT},
 }
@@ -115,6 +117,8 @@ class Destination:
         self.join = join
         self.log = log
         self.postcopy: PostcopyReceiver | None = None
+        self.ahead: PrepareAhead | None = None  # hybrid: post-copy prepared before STATE
+        self.placed = 0  # page batches placed (a head start holds while this stays)
         self.streams: DestStreams | None = None
         self.build = build
         self.outcomes = outcomes or Outcomes()
@@ -140,7 +144,7 @@ class Destination:
             RecordType.CONFIG: self._on_config,
             RecordType.ROUND_END: self._on_round_end, RecordType.VERIFY: self._on_verify,
             RecordType.STATE: self._on_state, RecordType.COMMIT: self._on_commit,
-            RecordType.ABORT: self._on_abort,
+            RecordType.PREPARE: self._on_prepare, RecordType.ABORT: self._on_abort,
         }
         try:
             while self.state is not DestState.RUNNING:
@@ -226,6 +230,7 @@ class Destination:
         self.ram = None
         self.placer = None
         self.direct = None
+        self.ahead = None
 
     def _on_config(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "CONFIG", ("machine", "page_size"))
@@ -306,6 +311,7 @@ class Destination:
 
     def _place(self, batch: pages_mod.DecodedBatch, length: int) -> None:
         assert self.placer is not None
+        self.placed += 1
         pages_mod.apply(batch, self.sess.codecs, self.placer)
         self.round.bytes_sent += length + HEADER_SIZE
         counts = batch.counts()
@@ -330,6 +336,19 @@ class Destination:
         if hello.FEATURE_ROUND_ACK in self.sess.features:
             self._send(RecordType.ROUND_ACK, records.pack({"round": d["round"]}))
         self.round = RoundStats(len(self.stats.rounds) + 1)
+
+    def _on_prepare(self, rec: Record) -> None:
+        """Hybrid, the source's guest still running: unmap the pages it says will be owed,
+        so that STATE finds little left to do (postcopy_ahead.py)."""
+        assert self.machine is not None and self.ram is not None
+        if self.sess.urgent is None or hello.FEATURE_PREPARE not in self.sess.features:
+            raise ProtocolError("PREPARE record, but this is no post-copy")
+        d = records.unpack(rec.payload, "PREPARE", ("round", "owed"))
+        owed = unpack_bitmap(d["owed"], len(self.ram), "PREPARE record")
+        if self.ahead is None or not self.ahead.valid(self.placed):
+            self.ahead = PrepareAhead(self.machine.memory, self.placed)
+        self.ahead.hint(owed)
+        self._send(RecordType.PREPARED, records.pack({"round": d["round"]}))
 
     def _on_verify(self, rec: Record) -> None:
         if self.verify is None:
@@ -365,7 +384,8 @@ class Destination:
             self.ram = self.direct = None
             self.postcopy = PostcopyReceiver(self.machine.memory, owed, self.verify, self._t0,
                                              self._urgent_requests(d))
-            self.postcopy.prepare()
+            ahead = self.ahead if self.ahead and self.ahead.valid(self.placed) else None
+            self.postcopy.prepare(ahead)
         self._send(RecordType.READY)
         self.ready_at = time.monotonic()
         self.state = DestState.READY
@@ -516,6 +536,7 @@ def receive(sock: socket.socket | Channel, build: Callable[[MachineConfig], Mach
     mine = hello.Hello(encodings=list(SUPPORTED))
     mine.features.remove(hello.FEATURE_STREAMS)  # no listener to take extra connections
     mine.features.remove(hello.FEATURE_POSTCOPY)
+    mine.features.remove(hello.FEATURE_PREPARE)
     mine.features.remove(hello.FEATURE_NET)
     try:
         _offer, chosen = handshake.server(chan, mine, sec, time.monotonic() + hello_timeout)

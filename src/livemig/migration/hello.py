@@ -37,13 +37,15 @@ FEATURE_ROUND_ACK = "round-ack"  # destination answers ROUND_END with ROUND_ACK
 FEATURE_REPORT = "report"  # destination sends REPORT after RUNNING
 FEATURE_STREAMS = "streams"  # PAGES may come on extra connections `pages-N` (--streams)
 FEATURE_POSTCOPY = "postcopy"  # post-copy: urgent connection, page requests, recovery
+FEATURE_PREPARE = "postcopy-prepare"  # hybrid: PREPARE / PREPARED before the pause
 FEATURE_NET = "net-forward"  # frames forwarded after COMMIT on a `net` connection (--soft-net)
 FEATURE_HANDOVER = "fd-handover"  # RAM memfds travel with CONFIG (same host, unix socket)
 # post-copy: PAGE_REQUEST on the urgent connection, answered there (C loops: faultpath.py)
 FEATURE_URGENT_REQUESTS = "urgent-requests"
 MAX_TEMPLATES = 16  # template ids a hello may name
 KNOWN_FEATURES = (FEATURE_VERIFY, FEATURE_ROUND_ACK, FEATURE_REPORT, FEATURE_STREAMS,
-                  FEATURE_POSTCOPY, FEATURE_NET, FEATURE_HANDOVER, FEATURE_URGENT_REQUESTS)
+                  FEATURE_POSTCOPY, FEATURE_PREPARE, FEATURE_NET, FEATURE_HANDOVER,
+                  FEATURE_URGENT_REQUESTS)
 
 
 def offered_features() -> list[str]:

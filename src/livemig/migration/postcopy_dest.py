@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig.contract import PAGE_SIZE, GuestMemory
-from livemig.extents import data_pages, runs
-from livemig.memfd import punch_pages, unmap_pages
+from livemig.extents import runs
+from livemig.memfd import punch_pages
 from livemig.migration import faultpath, handoff, records
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel
@@ -43,6 +43,7 @@ from livemig.migration.pageserver import (
     pack_bitmap,
     stateless_codecs,
 )
+from livemig.migration.postcopy_ahead import PrepareAhead, present_pages, unmap_runs
 from livemig.migration.stats import FaultStats
 from livemig.migration.uffd import UffdError, Userfaultfd
 from livemig.migration.verify import VerifyTable
@@ -204,20 +205,19 @@ class PostcopyReceiver:
 
     # -- before READY -----------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, ahead: PrepareAhead | None = None) -> None:
         """Make every owed page fault here, then register RAM with userfaultfd.
 
         An owed page present here (sent in a pre-copy round, dirtied since) is unmapped with
         MADV_DONTNEED where the kernel has MINOR faults for shmem: its stale contents stay in
         the memfd, to be overwritten and mapped again; ten times cheaper than punching it out
         (which frees it, and a push then allocates it again). Elsewhere it is punched out.
+        `ahead` (hybrid, still valid): what PREPARE found present, and unmapped already.
         """
         fd = self.memory.fd
         if fd is None:
             raise MigrationError("destination RAM has no memfd: post-copy is not possible")
-        present = np.zeros(self.npages, dtype=bool)
-        for first, count in data_pages(fd, self.memory.size):
-            present[first : first + count] = True
+        present = present_pages(fd, self.memory.size) if ahead is None else ahead.present
         stale = present & self.owed
         try:
             self.uffd = Userfaultfd(self.base, self.memory.size, minor=bool(stale.any()))
@@ -228,8 +228,7 @@ class PostcopyReceiver:
             self._alias = mmap.mmap(fd, self.memory.size, mmap.MAP_SHARED,
                                     mmap.PROT_READ | mmap.PROT_WRITE)
             alias = np.frombuffer(self._alias, np.uint8).reshape(-1, PAGE_SIZE)
-            for first, count in runs(stale):
-                unmap_pages(self.base + first * PAGE_SIZE, count * PAGE_SIZE)
+            unmap_runs(self.base, stale if ahead is None else ahead.mapped & self.owed)
         else:
             for first, count in runs(stale):
                 punch_pages(fd, first, count)

@@ -471,13 +471,14 @@ class Source:
         self.check()
         st = self.m.save_state()
         payload = {"state": st.encode(), "probe": self.m.probe.state()}
+        self.step("save-state")
         owed = self.strategy.owed_pages(self)
         if owed is not None:
             payload["owed"] = pack_bitmap(owed)
             self.stats.event("postcopy")
         payload.update(self.strategy.state_fields(self))
-        self.step("save-state")
         self.send(RecordType.STATE, records.pack(payload))
+        self.strategy.state_sent(self)
         try:
             self.expect(RecordType.READY, self.deadline or time.monotonic())
         except ConnectionLost:

@@ -60,6 +60,8 @@ class RecordType(enum.IntEnum):
     PAGE_REQUEST = 18  # destination -> source, post-copy: pages a fault waits for (u64 each)
     COMPLETE = 19  # destination -> source, post-copy: every page is here (msgpack figures)
     MISSING = 20  # destination -> source, post-copy recovery: pages still lacking (bitmap)
+    PREPARE = 21  # source -> destination, hybrid before the pause: pages that will be owed
+    PREPARED = 22  # destination -> source: PREPARE handled, every page before it placed
     NET_FRAMES = 40  # source -> destination, on the net connection: forwarded frames
     NET_END = 41  # source -> destination, on the net connection: forwarding is over
 

@@ -4,6 +4,8 @@
     configure     extra CONFIG fields (how the destination makes RAM), fds sent with CONFIG
     live_copy     while the guest runs (nothing for stop-and-copy; rounds for pre-copy)
     final_pages   with the guest paused: which pages the last round sends
+    state_sent    STATE is on its way: work that must be done before COMMIT but need not
+                  delay STATE (post-copy sets up its page server here)
     after_commit  once the destination runs the guest (post-copy will push pages here)
 
 The driver owns everything common: the hello, CONFIG, pausing, VERIFY, STATE, the READY /
@@ -42,6 +44,9 @@ class Strategy(ABC):
     def final_pages(self, src: Source) -> np.ndarray | None:
         """Called with the guest paused: the pages of the last round (None: every page
         that holds data)."""
+
+    def state_sent(self, src: Source) -> None:  # noqa: B027 - most strategies: nothing
+        """STATE has gone; the destination is loading it (the guest is paused here)."""
 
     def owed_pages(self, src: Source) -> np.ndarray | None:
         """Post-copy: the pages (bool per page) the destination must fetch after COMMIT; they

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,28 +30,55 @@ if TYPE_CHECKING:
 COMPLETE_WAIT = 60.0  # seconds from the last push to COMPLETE before the link counts as lost
 
 
-class PostcopyTail:
+class PostcopyTail(ABC):
     """What post-copy and hybrid share: the owed pages, and the page server after COMMIT."""
 
     def __init__(self) -> None:
+        self.owed: np.ndarray | None = None  # bool per page, from the pause on
         self.server: PageServer | None = None
         self.native = False  # page requests on the urgent connection, served in C
         self._complete: list[Record] = []
         self._done = threading.Event()  # COMPLETE came
 
-    def begin(self, src: Source, owed: np.ndarray) -> np.ndarray:
-        """With the guest paused: serve `owed` from now on; the last round sends nothing."""
-        assert src.ret is not None and src.session is not None
-        assert src.session.urgent is not None
-        self.server = PageServer(src.ram, owed, src.limiter)
-        self.server.reconnected(src.session.urgent, None)
+    def final_pages(self, src: Source) -> np.ndarray | None:
+        """The last round sends nothing: it goes out at once, and the destination handles it
+        while this side saves the machine's state and finds what is owed (`owed_pages`)."""
+        return np.zeros(0, dtype=np.int64)
+
+    def owed_pages(self, src: Source) -> np.ndarray | None:
+        """With the guest paused, right before STATE: the pages owed, served after COMMIT."""
+        if self.owed is None:
+            self.owed = self.find_owed(src)
+            src.step("owed-bitmap")
+        return self.owed
+
+    @abstractmethod
+    def find_owed(self, src: Source) -> np.ndarray:
+        """Bool per page: what the destination must fetch after COMMIT (guest paused)."""
+
+    def state_fields(self, src: Source) -> dict[str, Any]:
+        """Post-copy: whether faults are served by the C loops (both sides built them, plain
+        sockets, no --verify-memory digest to check before a page goes in)."""
+        if self.owed is None:
+            return {}
+        assert src.session is not None
         self.native = (faultpath.available() and not src.opts.verify_memory
                        and hello.FEATURE_URGENT_REQUESTS in src.session.features
                        and faultpath.plain_socket(src.session.urgent) is not None
                        and faultpath.plain_socket(src.main) is not None)
-        src.ret.handlers.update(self._handlers())  # COMPLETE may come right after RUNNING
-        src.stats.event(f"postcopy-owed:{int(np.count_nonzero(owed))}")
-        return np.zeros(0, dtype=np.int64)
+        return {"urgent_requests": True} if self.native else {}
+
+    def state_sent(self, src: Source) -> None:
+        """The page server, set up while the destination loads STATE (it must be there by
+        COMMIT: requests and COMPLETE may come right after RUNNING)."""
+        if self.owed is None:
+            return  # hybrid that converged: it finishes as pre-copy
+        assert src.ret is not None and src.session is not None
+        assert src.session.urgent is not None
+        self.server = PageServer(src.ram, self.owed, src.limiter)
+        self.server.reconnected(src.session.urgent, None)
+        src.ret.handlers.update(self._handlers())
+        src.stats.event(f"postcopy-owed:{int(np.count_nonzero(self.owed))}")
 
     def _handlers(self) -> dict[RecordType, Callable[[Record], None]]:
         assert self.server is not None
@@ -60,12 +88,6 @@ class PostcopyTail:
     def _on_complete(self, rec: Record) -> None:
         self._complete.append(Record(rec.type, memoryview(bytes(rec.payload))))
         self._done.set()
-
-    def owed_pages(self, src: Source) -> np.ndarray | None:
-        return None if self.server is None else self.server.owed
-
-    def state_fields(self, src: Source) -> dict[str, Any]:
-        return {"urgent_requests": True} if self.server is not None and self.native else {}
 
     def after_commit(self, src: Source) -> None:
         if self.server is None:
@@ -126,5 +148,5 @@ class PostCopy(PostcopyTail, Strategy):
     name = "postcopy"
     postcopy = True
 
-    def final_pages(self, src: Source) -> np.ndarray | None:
-        return self.begin(src, scan.populated(src.m.memory))
+    def find_owed(self, src: Source) -> np.ndarray:
+        return scan.populated(src.m.memory)

@@ -83,12 +83,17 @@ class PreCopy(Strategy):
         return None
 
     def final_pages(self, src: Source) -> np.ndarray | None:
+        final = np.flatnonzero(self.final_mask(src))
+        src.m.memory.stop_dirty_log()
+        src.step("dirty-bitmap")
+        return final
+
+    def final_mask(self, src: Source) -> np.ndarray:
+        """With the guest paused: every page owed (bool per page), dirty logging left on."""
         assert self.dirty_mask is not None
         # Pages owed after the last live round (held ones included) and dirtied since: a mask
         # OR, not a sorted union.
-        final = np.flatnonzero(self.dirty_mask | src.m.memory.fetch_dirty())
-        src.m.memory.stop_dirty_log()
-        src.step("dirty-bitmap")
+        final = self.dirty_mask | src.m.memory.fetch_dirty()
         if self.hold is not None:
             src.stats.event(f"hold-hot-final:{self.hold.held_count}")
         return final
