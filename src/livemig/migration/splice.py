@@ -18,7 +18,7 @@ import socket
 import threading
 
 from livemig.contract import PAGE_SIZE
-from livemig.migration.errors import ConnectionLost, MigrationError, Timeout
+from livemig.migration.errors import ConnectionLost, Timeout
 from livemig.migration.wire import wait_ready
 
 F_SETPIPE_SZ = 1031
@@ -71,12 +71,9 @@ class FileSink:
             if n == 0:
                 raise ConnectionLost(f"connection closed in the middle of {what} (truncated)")
             moved = 0
-            try:
-                while moved < n:  # the pipe's bytes into the file (never waits: they are here)
-                    moved += os.splice(r, self.fd, n - moved, offset_dst=offset + done + moved,
-                                       flags=SPLICE_F_MOVE)
-            except OSError as e:  # RAM itself refused them (out of memory)
-                raise MigrationError(f"cannot write received pages into RAM: {e}") from e
+            while moved < n:  # the pipe's bytes into the file (never waits: they are here)
+                moved += os.splice(r, self.fd, n - moved, offset_dst=offset + done + moved,
+                                   flags=SPLICE_F_MOVE)
             done += n
 
     def close(self) -> None:
