@@ -3,22 +3,18 @@ record refused by its CRC."""
 
 from __future__ import annotations
 
-import mmap
-import os
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from livemig.contract import PAGE_SIZE
-from livemig.migration import splice, wire
+from livemig.migration import wire
 from livemig.migration.codecs import CodecSet
 from livemig.migration.direct import DirectReceiver
 from livemig.migration.errors import ProtocolError
-from livemig.migration.pages import BatchEncoder, RamPlacer, apply, meta_size
-from livemig.migration.wire import HEADER_SIZE
+from livemig.migration.pages import BatchEncoder, RamPlacer, apply
 
 NPAGES = 2048
 
@@ -103,62 +99,3 @@ def test_direct_receive_with_deltas_after_raw_pages() -> None:
         assert got.count(2) > 0 and got.count(1) > 0
     seen = np.union1d(first, src_again)
     assert np.array_equal(dst[seen], src[seen])
-
-
-def _memfd_ram() -> tuple[int, np.ndarray]:
-    """Fresh RAM as a machine has it: a memfd, mapped shared."""
-    fd = os.memfd_create("test-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, NPAGES * PAGE_SIZE)
-    m = mmap.mmap(fd, NPAGES * PAGE_SIZE)
-    return fd, np.frombuffer(m, np.uint8).reshape(NPAGES, PAGE_SIZE)
-
-
-@pytest.mark.skipif(not splice.usable(), reason="no splice into a memfd here")
-@pytest.mark.parametrize("damage", [False, True])
-def test_spliced_into_fresh_memfd_then_scattered(damage: bool) -> None:
-    """Pages coming for the first time are spliced into the RAM memfd (CRC read back from
-    RAM), pages sent again are read into the mapping; a damaged spliced record is refused."""
-    src = _ram(3)
-    fd, dst = _memfd_ram()
-    codecs = CodecSet(["zero", "raw"])
-    enc = BatchEncoder(src, CodecSet(["zero", "raw"]))
-    sink = splice.FileSink(fd)
-    receiver = DirectReceiver(dst, codecs, sink)
-    batches = [np.arange(0, 512), np.concatenate((np.arange(600, 700), np.arange(800, 1000))),
-               np.arange(0, 512, 3)]  # sent again, scattered: read into the mapping
-    spliced = []
-    a, b = socket.socketpair()
-    try:
-        reader = wire.RecordReader(b)
-        for k, idx in enumerate(batches):
-            src[idx, 9] += 1
-            batch = enc.encode(idx)
-            payload = bytearray(batch.meta + b"".join(bytes(d) for d in batch.data))
-            bufs = wire.frame(wire.RecordType.PAGES, bytes(payload))
-            if damage and k == 1:
-                payload[len(batch.meta) + 150 * PAGE_SIZE + 5] ^= 1
-                bufs = [bufs[0], bytes(payload)]
-            sender = threading.Thread(target=wire.send_buffers, args=(a, bufs))
-            sender.start()
-            spliced.append(not receiver.landed[idx].all())
-            try:
-                got = receiver.read(reader, reader.read_header(), time.monotonic() + 10)
-            except ProtocolError as e:
-                assert damage and k == 1 and "CRC mismatch" in str(e)
-                return
-            finally:
-                sender.join()
-            apply(got, codecs, RamPlacer(dst))
-            enc.release(batch)
-        assert not damage
-        assert spliced == [True, True, False]
-        seen = np.unique(np.concatenate(batches))
-        assert np.array_equal(dst[seen], src[seen])
-        assert not dst[np.setdiff1d(np.arange(NPAGES), seen)].any()
-        assert reader.bytes_read == sum(HEADER_SIZE + meta_size(len(i)) + len(i) * PAGE_SIZE
-                                        for i in batches)
-    finally:
-        a.close()
-        b.close()
-        sink.close()
-        os.close(fd)  # the mapping (its own reference to the memfd) goes with its views

@@ -40,7 +40,7 @@ from livemig.contract import (
     hold_device_ram,
     net_ports,
 )
-from livemig.migration import backing, handshake, hello, records, scan, splice
+from livemig.migration import backing, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -126,7 +126,6 @@ class Destination:
         self.placer: pages_mod.RamPlacer | None = None
         self.direct: DirectReceiver | None = None  # PAGES into RAM, before COMMIT only
         self.prefault: Prefaulter | None = None
-        self.sink: splice.FileSink | None = None  # raw pages spliced into the RAM memfd
         self.verify: VerifyTable | None = None
         self.round = RoundStats(1)
         self.source_probe: dict = {}
@@ -227,9 +226,6 @@ class Destination:
         self.ram = None
         self.placer = None
         self.direct = None
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
 
     def _on_config(self, rec: Record) -> None:
         d = records.unpack(rec.payload, "CONFIG", ("machine", "page_size"))
@@ -249,16 +245,12 @@ class Destination:
         cfg.backing = backing.incoming(d.get("memory"), self.sess, self.templates_dir)
         self.machine = self.build(cfg)
         # Post-copy pages are installed by userfaultfd, into holes; other backings hold their
-        # data already. Fresh RAM is filled by splicing raw pages into its memfd where the
-        # channel allows (no fault, no zeroing: splice.py), else prefaulted ahead of them. Not
-        # both: prefaulting would zero the very pages splice is about to fill.
+        # data already.
         if not postcopy and cfg.backing.kind is BackingKind.FRESH:
-            self.sink = self._splice_sink()
-            if self.sink is None:
-                self._start_prefault(d.get("populated"))
+            self._start_prefault(d.get("populated"))
         self.ram = np.frombuffer(self.machine.memory.view(), dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.placer = pages_mod.RamPlacer(self.ram)
-        self.direct = DirectReceiver(self.ram, self.sess.codecs, self.sink)
+        self.direct = DirectReceiver(self.ram, self.sess.codecs)
         if hello.FEATURE_VERIFY in self.sess.features:
             self.verify = VerifyTable(len(self.ram))
         nstreams = d.get("streams", 1)
@@ -282,15 +274,6 @@ class Destination:
         self.stats.setup_ms = (time.monotonic() - self._t0) * 1000
         self.stats.status = "active"
         self.state = DestState.RECEIVING
-
-    def _splice_sink(self) -> splice.FileSink | None:
-        """A sink into RAM's memfd when pages come on a plain socket and splice works here."""
-        assert self.machine is not None
-        fd = self.machine.memory.fd
-        reader = self.sess.main.reader
-        if fd is None or reader is None or reader.plain_socket is None or not splice.usable():
-            return None
-        return splice.FileSink(fd)
 
     def _start_prefault(self, hint: object) -> None:
         """Populate the RAM ranges the source says hold data (a hint: ignored if malformed)."""

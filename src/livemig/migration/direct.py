@@ -5,23 +5,18 @@ the raw pages' bytes, the first data of the record (`zero` pages have none, and 
 1), go from the socket straight into their pages of the RAM mapping: one `recvmsg_into`
 scatters up to 512 runs of consecutive pages. Only the other codecs' bytes land in the
 reader's buffer, to be decoded and placed as usual. This takes the receive buffer and a
-memcpy of every raw page off the receive path. Where RAM is a fresh memfd and the channel a
-plain socket, a batch bringing pages for the first time is spliced into the memfd instead
-(`splice.py`): a new page is then allocated without a fault and without the kernel zeroing it
-first, the largest cost of filling fresh RAM.
+memcpy of every raw page off the receive path.
 
 The payload CRC still covers exactly the bytes sent: it is computed over the tables, each run
-right after it is received (read back from RAM when spliced), and the rest, and checked once
-the whole record is in. So a damaged record is refused as before, only after its raw pages
-were written into RAM. That is safe only while nothing can run on or read those pages yet:
-here, before COMMIT, where the machine never runs and is discarded on any error (a refused
-record fails the migration, and the source resumes). Post-copy pages after COMMIT never come
-this way.
+right after it is received, and the rest, and checked once the whole record is in. So a
+damaged record is refused as before, only after its raw pages were written into RAM. That is
+safe only while nothing can run on or read those pages yet: here, before COMMIT, where the
+machine never runs and is discarded on any error (a refused record fails the migration, and
+the source resumes). Post-copy pages after COMMIT never come this way.
 """
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +27,6 @@ from livemig.migration.codecs import CodecSet
 from livemig.migration.codecs.raw import RawCodec
 from livemig.migration.errors import ProtocolError
 from livemig.migration.pages import DecodedBatch, batch_size, decode_tables, is_run, meta_size
-from livemig.migration.splice import FileSink
 from livemig.migration.wire import Header, RecordReader
 
 RAW = RawCodec.id
@@ -52,20 +46,12 @@ class PendingBatch:
 
 
 class DirectReceiver:
-    """Reads PAGES records from a RecordReader into `ram` ((pages, PAGE_SIZE) uint8).
+    """Reads PAGES records from a RecordReader into `ram` ((pages, PAGE_SIZE) uint8)."""
 
-    With a `sink` (the memfd behind fresh `ram`, see splice.py), a batch that brings a page
-    for the first time, on a plain socket, has its raw pages spliced into the file: a page
-    not yet in RAM is then allocated without a fault and without being zeroed first. Pages
-    that came before are in RAM already; a scattering read into the mapping is one call for
-    any number of runs, so later batches go that way."""
-
-    def __init__(self, ram: np.ndarray, codecs: CodecSet, sink: FileSink | None = None) -> None:
+    def __init__(self, ram: np.ndarray, codecs: CodecSet) -> None:
         self.npages = len(ram)
         self.codecs = codecs
         self.flat = ram.reshape(-1).data.cast("B")
-        self.sink = sink
-        self.landed = np.zeros(self.npages if sink is not None else 0, dtype=bool)
 
     def begin(self, reader: RecordReader, head: Header, deadline: float | None) -> PendingBatch:
         """Read and check the tables of the PAGES record `head` announces."""
@@ -89,19 +75,10 @@ class DirectReceiver:
         crc = p.crc
         nraw = int(np.count_nonzero(raw))
         if nraw:
-            ridx = p.idx if nraw == len(p.idx) else p.idx[raw]
-            spans = self._runs(ridx)
-            sock = None
-            if self.sink is not None and not self.landed[ridx].all():
-                sock = reader.plain_socket
-                self.landed[ridx] = True
-            if sock is None:
-                views = [self.flat[a:b] for a, b in spans]
-                reader.fill_many(views, "PAGES record", deadline)
-                for v in views:
-                    crc = zlib.crc32(v, crc)
-            else:
-                crc = self._splice(reader, sock, spans, crc, deadline)
+            views = self._runs(p.idx if nraw == len(p.idx) else p.idx[raw])
+            reader.fill_many(views, "PAGES record", deadline)
+            for v in views:
+                crc = zlib.crc32(v, crc)
         rest = p.buf[p.meta + nraw * PAGE_SIZE : p.head.length]
         if rest.nbytes:
             reader.fill(rest, "PAGES record", deadline)
@@ -109,29 +86,19 @@ class DirectReceiver:
         p.head.check(crc)
         return DecodedBatch(p.idx, p.lens, p.ids, rest, frozenset({RAW}) if nraw else frozenset())
 
-    def _splice(self, reader: RecordReader, sock: socket.socket, spans: list[tuple[int, int]],
-                crc: int, deadline: float | None) -> int:
-        """Splice each run into the RAM file; the CRC read back from RAM as each lands."""
-        assert self.sink is not None
-        for a, b in spans:
-            self.sink.receive(sock, a, b - a, deadline, "PAGES record")
-            reader.bytes_read += b - a
-            crc = zlib.crc32(self.flat[a:b], crc)
-        return crc
-
     def read(self, reader: RecordReader, head: Header, deadline: float | None) -> DecodedBatch:
         """`begin` and `finish` at once."""
         return self.finish(reader, self.begin(reader, head, deadline), deadline)
 
-    def _runs(self, idx: np.ndarray) -> list[tuple[int, int]]:
-        """Byte ranges [start, end) of RAM for `idx` (page numbers in table order), one per
-        run of consecutive pages."""
+    def _runs(self, idx: np.ndarray) -> list[memoryview]:
+        """Views of RAM for `idx` (page numbers in table order), one per run of consecutive
+        pages."""
         first = int(idx[0])
         if int(idx[-1]) - first == len(idx) - 1 and is_run(idx):
-            return [(first * PAGE_SIZE, (first + len(idx)) * PAGE_SIZE)]
+            return [self.flat[first * PAGE_SIZE : (first + len(idx)) * PAGE_SIZE]]
         cut = np.flatnonzero(np.diff(idx) != 1) + 1
         starts = np.concatenate(([0], cut)).tolist()
         ends = np.concatenate((cut, [len(idx)])).tolist()
         pages = idx.tolist()
-        return [(pages[a] * PAGE_SIZE, (pages[a] + b - a) * PAGE_SIZE)
+        return [self.flat[pages[a] * PAGE_SIZE : (pages[a] + b - a) * PAGE_SIZE]
                 for a, b in zip(starts, ends, strict=True)]

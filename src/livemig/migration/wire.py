@@ -185,13 +185,6 @@ class RecordReader:
         # a plain socket: MSG_DONTWAIT, recvmsg_into (not TLS, not a file)
         self._plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
-    @property
-    def plain_socket(self) -> socket.socket | None:
-        """The socket read from, when it is a plain one (not TLS, not a file): its bytes may
-        then be moved by the kernel alone (`splice.py`); None otherwise."""
-        sock = self.sock
-        return sock if self._plain and isinstance(sock, socket.socket) else None
-
     def _wait(self, deadline: float | None, what: str) -> None:
         if deadline is None:
             return
