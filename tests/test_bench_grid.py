@@ -75,7 +75,7 @@ def test_grid_and_rows_together_refused() -> None:
 
 def test_parse_rows() -> None:
     assert grid.parse_rows("default, streams2,default") == ["default", "streams2"]
-    assert set(grid.ROW_NAMES) >= {"default", "streams2", "streams4", "xbzrle", "zstd",
+    assert set(grid.ROW_NAMES) >= {"default", "plain", "streams2", "streams4", "xbzrle", "zstd",
                                    "auto-converge", "idle-1g", "idle-4g", "zstd-1gbit"}
     with pytest.raises(ValueError, match="unknown rows 'a', 'b'"):
         grid.parse_rows("a,default,b")
@@ -90,6 +90,12 @@ def test_rows_configure_both_sides_alike() -> None:
     assert rows["auto-converge"].max_downtime_ms == 10.0
     assert rows["idle-4g"].mem == 4 << 30 and rows["idle-4g"].workload == "idle"
     assert rows["zstd-1gbit"].link == "1gbit"
+    s = grid.GridSettings(mem=1 << 30, wss="50M")
+    rows = {r.name: r for r in grid.grid_rows(s)}
+    assert grid.guest_cmdline(rows["default"], s) == "wss=50M"
+    assert grid.guest_cmdline(rows["plain"], s) == "hot=4M cold=768M coldrate=0"
+    assert grid.guest_cmdline(rows["idle-1g"], s) == ""
+    assert rows["plain"].livemig_args == () and rows["plain"].qemu == {}
 
 
 def test_qemu_settings_for_each_side() -> None:
