@@ -478,6 +478,7 @@ class Source:
             self.stats.event("postcopy")
         payload.update(self.strategy.state_fields(self))
         self.send(RecordType.STATE, records.pack(payload))
+        self.stats.state_sent_ms = (time.monotonic() - self._paused_at) * 1000
         self.strategy.state_sent(self)
         try:
             self.expect(RecordType.READY, self.deadline or time.monotonic())

@@ -102,6 +102,7 @@ class MigrationStats:
     total_ms: float = 0.0
     setup_ms: float = 0.0
     downtime_ms: float = 0.0
+    state_sent_ms: float = 0.0  # from the pause to STATE sent (QEMU's post-copy downtime span)
     rounds: list[RoundStats] = field(default_factory=list)
     bytes_sent: int = 0
     codec_bytes: dict[str, int] = field(default_factory=dict)
@@ -146,6 +147,7 @@ class MigrationStats:
             "stop_reason": self.stop_reason,
             "total_ms": round(self.total_ms, 3),
             "downtime_ms": round(self.downtime_ms, 3),
+            "state_sent_ms": round(self.state_sent_ms, 3),
             "setup_ms": round(self.setup_ms, 3),
             "rounds": len(self.rounds),
             "bytes_sent": self.bytes_sent,
