@@ -75,13 +75,32 @@ class Rig:
             s.close()
 
 
-def _rig(ram: Ram, owed: np.ndarray) -> Rig:
+def _rig(ram: Ram, owed: np.ndarray, go: bool = True) -> Rig:
     main, main_peer = _pair()
     urgent, urgent_peer = _pair()
     arrays = faultpath.FaultArrays.new(owed, np.zeros(NPAGES, bool), np.zeros(NPAGES, bool))
     loop = faultpath.FaultLoop(ram.uffd.fd, main, urgent, ram.base, 0, arrays,
                                int(np.count_nonzero(owed)))
+    if go:
+        loop.go()
     return Rig(loop, main_peer, urgent_peer, arrays, (main, urgent))
+
+
+def test_a_parked_loop_reads_nothing_until_go() -> None:
+    """Made before READY, the loop must leave the connections to Python until COMMIT."""
+    ram, content = Ram(), _content()
+    rig = _rig(ram, np.ones(NPAGES, bool), go=False)
+    try:
+        rig.main.send(RecordType.PAGES, *_batch(list(range(NPAGES)), content))
+        threading.Event().wait(0.3)
+        assert rig.loop.remaining == NPAGES and rig.loop.result is None
+        rig.loop.go()
+        os.eventfd_read(rig.loop.done)
+        assert rig.loop.remaining == 0
+        assert np.array_equal(ram.pages, content)
+    finally:
+        rig.close()
+        ram.close()
 
 
 def _touch(ram: Ram, page: int, offset: int, out: list[int]) -> None:

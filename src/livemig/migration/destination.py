@@ -386,6 +386,8 @@ class Destination:
                                              self._urgent_requests(d))
             ahead = self.ahead if self.ahead and self.ahead.valid(self.placed) else None
             self.postcopy.prepare(ahead)
+            if self.sess.back is not None and self.sess.urgent is not None:
+                self.postcopy.arm(Links(self.sess.main, self.sess.urgent, self.sess.back))
         self._send(RecordType.READY)
         self.ready_at = time.monotonic()
         self.state = DestState.READY

@@ -141,12 +141,14 @@ class FaultArrays:
 
 
 class FaultLoop(_Loop):
-    """Destination: serves faults and installs pages until stopped or a connection fails.
-    `done` (an eventfd) is written when the last owed page is in, and when the loop fails."""
+    """Destination: from `go` (COMMIT) on, serves faults and installs pages until stopped or
+    a connection fails. Made before READY, so that no thread needs starting at COMMIT.
+    `done` (an eventfd) is written when the last owed page is in, and when the loop ends."""
 
     def __init__(self, uffd: int, main: socket.socket, urgent: socket.socket, base: int,
                  alias: int, arrays: FaultArrays, remaining: int) -> None:
         super().__init__()
+        self._go = os.eventfd(0, os.EFD_CLOEXEC)
         self.done = os.eventfd(0, os.EFD_CLOEXEC)
         self.counters = np.zeros(16, dtype=np.int64)
         self.counters[D_REMAINING] = remaining
@@ -154,8 +156,12 @@ class FaultLoop(_Loop):
         a = arrays
         assert _native is not None
         self._start("postcopy-faults", _native.fault_loop, uffd, main.fileno(), urgent.fileno(),
-                    self._stop, self.done, base, alias, len(a.owed), a.owed, a.minor,
+                    self._stop, self._go, self.done, base, alias, len(a.owed), a.owed, a.minor,
                     a.received, a.t_first, a.t_sum, a.nfault, self.latency, self.counters)
+
+    def go(self) -> None:
+        """COMMIT came: the connections and faults are the loop's from now on."""
+        os.eventfd_write(self._go, 1)
 
     def _ended(self) -> None:
         if self.result:
@@ -181,6 +187,7 @@ class FaultLoop(_Loop):
 
     def close(self) -> None:
         self.stop()
-        if self.done >= 0:
-            os.close(self.done)
-            self.done = -1
+        for fd in (self.done, self._go):
+            if fd >= 0:
+                os.close(fd)
+        self.done = self._go = -1

@@ -237,17 +237,25 @@ class PostcopyReceiver:
 
     # -- after COMMIT -----------------------------------------------------------------------
 
+    def arm(self, links: Links) -> None:
+        """Before READY: the C fault loop's thread, parked until `start` (C path only)."""
+        if self.native and self._loop is None:
+            self._make_native_loop(links)
+
     def start(self, links: Links) -> None:
         """Serve faults, and read pages from `links` (call before the guest runs)."""
         if self.native:
-            self._start_native(links)
+            self.arm(links)
+            assert self._loop is not None
+            self.links = links
+            self._loop.go()
             return
         handoff.acquire()
         self._handoff = True
         self._spawn(self._fault_loop, "postcopy-faults")
         self._attach(links)
 
-    def _start_native(self, links: Links) -> None:
+    def _make_native_loop(self, links: Links) -> None:
         assert self.uffd is not None and self.placer is not None
         main, urgent = faultpath.plain_socket(links.main), faultpath.plain_socket(links.urgent)
         if main is None or urgent is None:

@@ -524,7 +524,23 @@ static int interleave(Dest *d) {
     return rc ? rc : p[1].revents ? pump(d, &d->urgent, SIZE_MAX) : 0;
 }
 
-static int run_dest(Dest *d) {
+/* parked until go_fd is readable (COMMIT): the thread exists before the guest runs, so
+ * that starting it is not part of the downtime */
+static int wait_for_go(Dest *d, int go_fd) {
+    for (;;) {
+        struct pollfd p[2] = {{d->stop_fd, POLLIN, 0}, {go_fd, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (p[0].revents) return STOP_SEEN;
+        if (p[1].revents) return 0;
+    }
+}
+
+static int run_dest(Dest *d, int go_fd) {
+    int rc = wait_for_go(d, go_fd);
+    if (rc) return rc == STOP_SEEN ? R_STOPPED : rc;
     for (;;) {
         struct pollfd p[4] = {{d->stop_fd, POLLIN, 0}, {d->uffd, POLLIN, 0},
                               {d->urgent.closed ? -1 : d->urgent.fd, POLLIN, 0},
@@ -545,7 +561,7 @@ static int run_dest(Dest *d) {
 static const char *const BUF_NAMES[NBUF] = {"owed", "minor", "received", "t_first", "t_sum",
                                             "nfault", "latency", "counters"};
 
-static int run_with_buffers(Dest *d, Py_buffer *b) {
+static int run_with_buffers(Dest *d, int go_fd, Py_buffer *b) {
     size_t cap = meta_size(MAX_BATCH) + MAX_BATCH * PAGE;
     uint8_t *mbuf = malloc(cap), *ubuf = malloc(cap);
     int rc = -ENOMEM;
@@ -556,7 +572,7 @@ static int run_with_buffers(Dest *d, Py_buffer *b) {
         d->main.buf = mbuf;
         d->urgent.buf = ubuf;
         Py_BEGIN_ALLOW_THREADS
-        rc = run_dest(d);
+        rc = run_dest(d, go_fd);
         Py_END_ALLOW_THREADS
     }
     free(mbuf);
@@ -567,11 +583,11 @@ static int run_with_buffers(Dest *d, Py_buffer *b) {
 static PyObject *py_fault_loop(PyObject *self, PyObject *args) {
     unsigned long long base, alias;
     long long npages;
-    int uffd, main_fd, urgent_fd, stop_fd, done_fd;
+    int uffd, main_fd, urgent_fd, stop_fd, go_fd, done_fd;
     PyObject *o[NBUF];
-    if (!PyArg_ParseTuple(args, "iiiiiKKLOOOOOOOO", &uffd, &main_fd, &urgent_fd, &stop_fd,
-                          &done_fd, &base, &alias, &npages, &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6], &o[7]))
+    if (!PyArg_ParseTuple(args, "iiiiiiKKLOOOOOOOO", &uffd, &main_fd, &urgent_fd, &stop_fd,
+                          &go_fd, &done_fd, &base, &alias, &npages, &o[0], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &o[7]))
         return NULL;
     Py_ssize_t need[NBUF] = {npages, npages, npages, npages * 8, npages * 8, npages * 4, 0,
                              D_NCOUNT * 8};
@@ -588,7 +604,7 @@ static PyObject *py_fault_loop(PyObject *self, PyObject *args) {
         d->npages = npages;
         d->main = (Conn){.fd = main_fd, .which = FD_MAIN};
         d->urgent = (Conn){.fd = urgent_fd, .which = FD_URGENT};
-        rc = run_with_buffers(d, b);
+        rc = run_with_buffers(d, go_fd, b);
         free(d);
     } else if (held == NBUF) {
         PyErr_NoMemory();
@@ -602,9 +618,9 @@ static PyMethodDef methods[] = {
      "serve_requests(sock, stop_fd, ram_addr, npages, owed, sent, counters) -> result code\n"
      "Answer PAGE_REQUEST records on `sock` from frozen RAM until stop_fd is readable."},
     {"fault_loop", py_fault_loop, METH_VARARGS,
-     "fault_loop(uffd, main, urgent, stop_fd, done_fd, base, alias, npages, owed, minor,\n"
-     "           received, t_first, t_sum, nfault, latency, counters) -> result code\n"
-     "Serve userfaultfd faults and install pages until stop_fd is readable."},
+     "fault_loop(uffd, main, urgent, stop_fd, go_fd, done_fd, base, alias, npages, owed,\n"
+     "           minor, received, t_first, t_sum, nfault, latency, counters) -> result code\n"
+     "Once go_fd is readable, serve userfaultfd faults and install pages until stop_fd is."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
