@@ -183,6 +183,8 @@ def test_fault_path_in_c(machines, tmp_path: Path, mode: str) -> None:
     f = stats["faults"]
     assert f["native"] is True, f
     assert f["pulled"] > 0 and f["latency_ms"]["p50"] is not None, f
+    if mode == "postcopy":  # everything owed is queued at first: pulls jump the queue
+        assert f["pulled_ahead"] > 0 and f["queue_at_pull"] > 0, f
     assert f["pushed"] + f["pulled"] > 0 and f["last_page_ms"] > 0, f
 
 
