@@ -48,9 +48,22 @@ def test_bitmap_round_trip(bits: list[bool]) -> None:
 
 
 @given(st.binary(max_size=300), st.integers(1, 2000))
-def test_bitmap_of_the_wrong_size_is_refused(data: bytes, npages: int) -> None:
-    if len(data) == (npages + 7) // 8:
-        assert len(unpack_bitmap(data, npages, "t")) == npages
-    else:
-        with pytest.raises(ProtocolError, match="does not fit"):
-            unpack_bitmap(data, npages, "t")
+def test_a_bitmap_that_does_not_decode_to_its_size_is_refused(data: bytes, npages: int
+                                                              ) -> None:
+    try:
+        mask = unpack_bitmap(data, npages, "t")
+    except ProtocolError as e:
+        assert "does not fit" in str(e)
+        return
+    assert len(mask) == npages
+
+
+def test_bitmaps_travel_small_and_a_wrong_size_is_refused() -> None:
+    mask = np.zeros(1 << 18, dtype=bool)  # a GiB of pages, one run owed
+    mask[1000:26600] = True
+    packed = pack_bitmap(mask)
+    assert len(packed) < 1024
+    with pytest.raises(ProtocolError, match="does not fit"):
+        unpack_bitmap(packed, len(mask) + 8, "t")
+    with pytest.raises(ProtocolError, match="does not fit"):
+        unpack_bitmap(packed[:-3], len(mask), "t")
