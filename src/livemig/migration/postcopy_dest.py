@@ -4,8 +4,10 @@ pushed, until every page the source owed is here.
     prepare    (before READY) pages owed that are present here (sent in a pre-copy round,
                dirtied since) are punched out of the RAM memfd, and RAM is registered with
                userfaultfd in MISSING mode: from now on a missing page is never read as a hole
-    start      (at COMMIT, before the guest runs) a fault thread, a reader for the urgent
-               connection (answers to requests) and one for the main connection (pushes)
+    arm        (before READY, C path) the C fault loop's thread, parked (faultpath.py)
+    start      (at COMMIT, before the guest runs) the C loop goes; or, on Python's path, a
+               fault thread, a reader for the urgent connection (answers to requests) and
+               one for the main connection (pushes)
     wait       until every owed page is here, or a connection breaks
     reconnect  after a break: MISSING tells the source what is still lacking, faults waiting
                are asked for again, readers start on the new connections
