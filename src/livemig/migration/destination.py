@@ -397,9 +397,8 @@ class Destination:
         both sides: faultpath.py); refused where this side could not do it."""
         if state.get("urgent_requests") is not True:
             return False
-        if (hello.FEATURE_URGENT_REQUESTS not in self.sess.features or self.verify is not None
-                or faultpath.plain_socket(self.sess.urgent) is None
-                or faultpath.plain_socket(self.sess.main) is None):
+        if not faultpath.usable(self.sess.features, self.verify is not None, self.sess.main,
+                                self.sess.urgent):
             raise ProtocolError("STATE asks for page requests on the urgent connection, "
                                 "which this migration cannot do")
         return True

@@ -21,6 +21,7 @@ import importlib
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -29,6 +30,7 @@ import numpy as np
 from livemig.migration.channels import Channel
 from livemig.migration.channels.sockets import SocketChannel
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError
+from livemig.migration.hello import FEATURE_URGENT_REQUESTS
 
 
 def _load() -> ModuleType | None:
@@ -59,6 +61,15 @@ def plain_socket(chan: Channel | None) -> socket.socket | None:
     if isinstance(chan, SocketChannel) and type(chan.sock) is socket.socket:
         return chan.sock
     return None
+
+
+def usable(features: Sequence[str], checked: bool, main: Channel | None,
+           urgent: Channel | None) -> bool:
+    """Whether a post-copy may serve its faults here (both sides decide the same way): built
+    here, negotiated (the peer built it too), no digest to check before a page goes in
+    (`checked`: --verify-memory), and plain sockets under both connections."""
+    return (available() and FEATURE_URGENT_REQUESTS in features and not checked
+            and plain_socket(main) is not None and plain_socket(urgent) is not None)
 
 
 def _error(code: int, where: str) -> MigrationError:

@@ -20,7 +20,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE
 from livemig.migration.codecs.base import Claim, Codec, PagePlacer
-from livemig.migration.codecs.xbzrle import check_delta_lengths, encode, parse
+from livemig.migration.codecs.xbzrle import check_delta_lengths, encode, place_deltas
 from livemig.migration.options import MigrationOptions
 
 SAMPLE_EVERY = 32  # words: a page is sampled at 16 words
@@ -53,10 +53,4 @@ class SparseCodec(Codec):
 
     def place(self, idx: np.ndarray, lens: np.ndarray, data: memoryview, placer: PagePlacer,
               state: Any) -> None:
-        buf = np.frombuffer(data, np.uint8)
-        dst, src = parse(lens, buf)  # every delta checked before any page is touched
-        if not len(idx):
-            return
-        pages = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
-        pages.reshape(-1)[dst] = buf[src]
-        placer.store(idx, pages)
+        place_deltas(idx, lens, data, placer, np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8))

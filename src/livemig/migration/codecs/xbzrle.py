@@ -213,6 +213,15 @@ def decode(lens: np.ndarray, data: np.ndarray, base: np.ndarray) -> np.ndarray:
     return base
 
 
+def place_deltas(idx: np.ndarray, lens: np.ndarray, data: memoryview, placer: PagePlacer,
+                 base: np.ndarray) -> None:
+    """Store pages `idx` rebuilt from their deltas against `base` (see `decode`): nothing is
+    stored unless every delta is good."""
+    pages = decode(lens, np.frombuffer(data, np.uint8), base)
+    if len(idx):
+        placer.store(idx, pages)
+
+
 @dataclass
 class XbzrleCache:
     """Source: the previous copies of pages, at most `limit` bytes of them (whole pages),
@@ -347,12 +356,7 @@ class XbzrleCodec(Codec):
 
     def place(self, idx: np.ndarray, lens: np.ndarray, data: memoryview, placer: PagePlacer,
               state: Any) -> None:
-        buf = np.frombuffer(data, np.uint8)
-        dst, src = parse(lens, buf)  # every delta checked before any page is touched
-        if not len(idx):
-            return
         pages = placer.current(idx)
         if not (pages.dtype == np.uint8 and pages.flags.c_contiguous and pages.flags.writeable):
             pages = np.array(pages, dtype=np.uint8)
-        pages.reshape(-1)[dst] = buf[src]
-        placer.store(idx, pages)
+        place_deltas(idx, lens, data, placer, pages)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livemig.migration import faultpath, handoff, hello, records, scan
+from livemig.migration import faultpath, handoff, records, scan
 from livemig.migration.errors import ConnectionLost, Timeout
 from livemig.migration.pageserver import PageServer
 from livemig.migration.stats import FaultStats
@@ -62,10 +62,8 @@ class PostcopyTail(ABC):
         if self.owed is None:
             return {}
         assert src.session is not None
-        self.native = (faultpath.available() and not src.opts.verify_memory
-                       and hello.FEATURE_URGENT_REQUESTS in src.session.features
-                       and faultpath.plain_socket(src.session.urgent) is not None
-                       and faultpath.plain_socket(src.main) is not None)
+        self.native = faultpath.usable(src.session.features, src.opts.verify_memory, src.main,
+                                       src.session.urgent)
         return {"urgent_requests": True} if self.native else {}
 
     def state_sent(self, src: Source) -> None:
