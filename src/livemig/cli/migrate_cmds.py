@@ -223,6 +223,9 @@ def _poll(socket_path: str, show: bool) -> dict[str, Any]:
               "last N rounds for the final round instead of re-sending them live")
 @click.option("--hold-hot-k", "hold_hot_k", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.option("--hold-hot-n", "hold_hot_n", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--skip-redirtied/--no-skip-redirtied", "skip_redirtied", default=True,
+              show_default=True, help="live rounds leave out pages the guest dirtied again "
+              "before they were reached; the next round sends them once")
 @click.option("--postcopy-after", "postcopy_after", type=click.IntRange(1), default=None,
               help="hybrid: switch to post-copy after this many pre-copy rounds")
 @click.option("--soft-net/--no-soft-net", "soft_net", default=True, show_default=True,
@@ -236,7 +239,8 @@ def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: f
                 max_bandwidth: str | None, max_rounds: int, auto_converge: bool,
                 verify_memory: bool, switchover_timeout: float | None, compress: str | None,
                 xbzrle: bool, xbzrle_cache: int, dedup: bool, streams: int, hold_hot: bool,
-                hold_hot_k: int, hold_hot_n: int, postcopy_after: int | None, soft_net: bool,
+                hold_hot_k: int, hold_hot_n: int, skip_redirtied: bool,
+                postcopy_after: int | None, soft_net: bool,
                 ship_template: bool, as_json: bool,
                 key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Migrate the machine behind control SOCKET to a `livemig listen` at HOST:PORT (or
@@ -251,7 +255,7 @@ def migrate_cmd(socket_path: str, target: str, mode: str | None, max_downtime: f
                     switchover_timeout_s=switchover_timeout, compress=compress, xbzrle=xbzrle,
                     xbzrle_cache=xbzrle_cache, dedup=dedup, streams=streams,
                     hold_hot=hold_hot, hold_hot_k=hold_hot_k, hold_hot_n=hold_hot_n,
-                    postcopy_after=postcopy_after, soft_net=soft_net,
+                    skip_redirtied=skip_redirtied, postcopy_after=postcopy_after, soft_net=soft_net,
                     ship_template=ship_template, **auth)
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "migrate failed"))

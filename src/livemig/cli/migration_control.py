@@ -199,6 +199,7 @@ def options_from_request(req: dict[str, Any]) -> MigrationOptions:
         opts.hold_hot = bool(req.get("hold_hot", False))
         opts.hold_hot_k = int(req.get("hold_hot_k", opts.hold_hot_k))
         opts.hold_hot_n = int(req.get("hold_hot_n", opts.hold_hot_n))
+        opts.skip_redirtied = bool(req.get("skip_redirtied", True))
         if req.get("postcopy_after") is not None:
             opts.postcopy_after = int(req["postcopy_after"])
             if opts.postcopy_after < 1:

@@ -52,6 +52,9 @@ class MigrationOptions:
     hold_hot: bool = False
     hold_hot_k: int = 2
     hold_hot_n: int = 3
+    # Live rounds leave out pages dirtied again before they reach them; the next round
+    # sends them (migration/redirtied.py).
+    skip_redirtied: bool = True
     # Hybrid: switch to post-copy after this many pre-copy rounds (None: when pre-copy would
     # stop, whatever the reason, or on `migrate-start-postcopy`).
     postcopy_after: int | None = None

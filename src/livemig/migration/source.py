@@ -30,7 +30,7 @@ import numpy as np
 from livemig.contract import PAGE_SIZE, Machine, net_ports
 from livemig.extents import runs
 from livemig.migration import hello as hello_mod
-from livemig.migration import records, resolve, scan, session, strategies, verify
+from livemig.migration import records, redirtied, resolve, scan, session, strategies, verify
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.convergence import PAGE_OVERHEAD
 from livemig.migration.errors import (
@@ -407,16 +407,18 @@ class Source:
         self.step("pause")
         self.state = SourceState.SWITCHOVER
 
-    def send_round(self, number: int, idx: np.ndarray | None) -> RoundStats:
-        """Send one round: pages `idx`, or every non-zero page when None."""
+    def send_round(self, number: int, idx: np.ndarray | None,
+                   keep: Callable[[np.ndarray], np.ndarray] | None = None) -> RoundStats:
+        """Send one round: pages `idx`, or every non-zero page when None; `keep`, when given,
+        filters each window of pages just before it goes (redirtied.py)."""
         rs = RoundStats(number, throttle=self.throttle)
         self.stats.rounds.append(rs)
         t = time.monotonic()
         if idx is None:
             for nz in scan.iter_nonzero(self.ram, scan.populated(self.m.memory), SCAN_CHUNK):
-                self._send_pages(nz, rs)
+                self._send_pages(nz, rs, keep)
         else:
-            self._send_pages(idx, rs)
+            self._send_pages(idx, rs, keep)
         end: dict[str, int] = {"round": number, "pages": sum(rs.pages.values())}
         if self.streams is not None:
             self.streams.flush()
@@ -425,19 +427,28 @@ class Source:
         rs.duration_ms = (time.monotonic() - t) * 1000
         return rs
 
-    def _send_pages(self, idx: np.ndarray, rs: RoundStats) -> None:
+    def _send_pages(self, idx: np.ndarray, rs: RoundStats,
+                    keep: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        step = redirtied.WINDOW
+        for w in range(0, len(idx), step):
+            window = idx[w : w + step]
+            if keep is not None:
+                window = keep(window)
+            for i in range(0, len(window), MAX_BATCH):
+                self._send_batch_of(window[i : i + MAX_BATCH], rs)
+            self._report(rs, min(w + step, len(idx)), len(idx))
+
+    def _send_batch_of(self, idx: np.ndarray, rs: RoundStats) -> None:
         assert self.encoder is not None
-        for i in range(0, len(idx), MAX_BATCH):
-            self.check()
-            b = self.encoder.encode(idx[i : i + MAX_BATCH], frozen=self.paused)
-            n = self._send_batch(b)
-            rs.bytes_sent += n
-            for name, count in b.by_codec.items():
-                rs.add(name, count)
-                self.stats.codec_bytes[name] = (self.stats.codec_bytes.get(name, 0)
-                                                + b.bytes_by_codec[name])
-            self.limiter.spent(n)
-            self._report(rs, i + b.pages, len(idx))
+        self.check()
+        b = self.encoder.encode(idx, frozen=self.paused)
+        n = self._send_batch(b)
+        rs.bytes_sent += n
+        for name, count in b.by_codec.items():
+            rs.add(name, count)
+            self.stats.codec_bytes[name] = (self.stats.codec_bytes.get(name, 0)
+                                            + b.bytes_by_codec[name])
+        self.limiter.spent(n)
 
     def _send_batch(self, b: EncodedBatch) -> int:
         """One PAGES record: on the main channel, or queued on its page stream."""

@@ -26,6 +26,7 @@ class RoundStats:
     dirty_pages: int = 0  # pages dirtied while this round was sent
     throttle: float = 0.0
     held_pages: int = 0  # owed but held back from this live round (--hold-hot)
+    skipped_pages: int = 0  # owed, left out: dirtied again before the round got to them
 
     def add(self, codec: str, pages: int) -> None:
         if pages:

@@ -15,6 +15,7 @@ import numpy as np
 
 from livemig.migration.convergence import Convergence
 from livemig.migration.hotpages import HoldHot
+from livemig.migration.redirtied import RedirtiedSkip
 from livemig.migration.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -35,18 +36,26 @@ class PreCopy(Strategy):
         if src.opts.hold_hot:
             self.hold = HoldHot(src.m.memory.size // src.m.memory.page_size,
                                 src.opts.hold_hot_k, src.opts.hold_hot_n)
+        skip = (RedirtiedSkip(src.m.memory, len(src.ram)) if src.opts.skip_redirtied
+                else None)
         idx = self.first_round(src)
         held = 0  # pages owed but held back from the round about to be sent
         while True:
             self.rounds += 1
             t = time.monotonic()
-            rs = src.send_round(self.rounds, idx)
+            if skip is not None:
+                skip.begin_round()
+            rs = src.send_round(self.rounds, idx, skip.keep if skip is not None else None)
             rs.held_pages = held
             src.live_time += time.monotonic() - t
             src.live_bytes += rs.bytes_sent
             sent = sum(rs.pages.values())
             src.live_pages += sent
             dirty_mask = src.m.memory.fetch_dirty()
+            if skip is not None:  # the skipped pages are owed still: the next round sends them
+                dirty_mask |= skip.take()
+                rs.skipped_pages = skip.skipped
+                sent += skip.skipped  # what the round began with, for the policy
             rs.dirty_pages = int(np.count_nonzero(dirty_mask))
             src.stats.dirty_rate = rs.dirty_pages / max(rs.duration_ms / 1000, 1e-6)
             if self.hold is None:
