@@ -55,6 +55,11 @@ def test_small_grid_end_to_end(tmp_path: Path) -> None:
         assert qset[side]["capabilities"] == {"multifd": True}
         assert qset[side]["parameters"]["multifd-channels"] == 2
     assert "multifd" not in rows["default"]["qemu"]["settings"]["source"]["capabilities"]
+    # The default row's throughput is also set against the raw copy beside a running guest.
+    d = rows["default"]
+    assert len(d["runs"]["raw_copy_loaded_bytes_per_s"]) == 1
+    assert d["raw_copy_loaded_bytes_per_s"] > 0 and d["raw_copy_loaded_fraction"] > 0
+    assert "raw_copy_loaded_bytes_per_s" not in rows["streams2"]
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
@@ -130,7 +135,8 @@ def _fake_grid() -> dict[str, Any]:
     rep = report.build_report("default", [_result(100, 4 << 20)], [_result(200, 8 << 20)],
                               1e9, ratio_keys=report.GRID_RATIO_KEYS)
     rep.update(row="default", network="loopback (host)",
-               runs={"livemig": [_result(100, 4 << 20)]})
+               runs={"livemig": [_result(100, 4 << 20)]}, raw_copy_loaded_bytes_per_s=5e8,
+               raw_copy_loaded_fraction=0.08)
     reps.append(rep)
     bad = report.build_report("zstd", [_result(120, 1 << 20)],
                               [grid.failed("unsupported", "this QEMU build has no "
@@ -147,6 +153,7 @@ def test_grid_table_shows_ratios_and_why_a_side_did_not_run() -> None:
     report.print_grid(g, Console(file=buf, width=140))
     out = buf.getvalue()
     for word in ("default", "0.50x", "guest gap", "throughput", "of raw", "zstd",
+                 "raw copy, guest running", "0.08 of it",
                  "unsupported", "QEMU: why", "no multifd-compression zstd", "raw copy failed"):
         assert word in out, word
     assert g["rows"][0]["ratios"]["total"] == 0.5

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from livemig.bench import netns, rawcopy, report
+from livemig.bench import loadedcopy, netns, rawcopy, report
 from livemig.bench.qemu import (
     QemuError,
     QemuMigrationConfig,
@@ -38,6 +38,8 @@ from livemig.bench.scenario import LivemigScenario, ScenarioError, run_livemig
 from livemig.images import guest_image
 
 GiB = 1 << 30
+# Rows whose throughput goal gets the second yardstick, the raw copy beside a running guest.
+LOADED_COPY_ROWS = ("default", "plain")
 LINK_RATE = "1gbit"
 LINK_RAW_COPY_BYTES = 256 << 20  # the yardstick's size on the shaped link (~2 s at 1 Gbit)
 
@@ -240,6 +242,12 @@ def _raw_copy(row: Row, s: GridSettings, net: netns.Network) -> float | str:
         return _one_line(e)
 
 
+def _raw_copy_beside_guest(row: Row, s: GridSettings, net: netns.Network) -> float | str:
+    """The yardstick again with the row's guest running on this host (`loadedcopy`)."""
+    return loadedcopy.beside_guest(str(guest_image(row.workload)), row.mem or s.mem,
+                                   guest_cmdline(row, s), lambda: _raw_copy(row, s, net))
+
+
 def memory_short(mem: int, meminfo: str = "/proc/meminfo") -> str | None:
     """Why a guest of ``mem`` bytes does not fit this host now (one machine at a time runs
     with its destination, which fills only what it receives; 1 GiB kept for the rest), or
@@ -263,6 +271,7 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
     theirs: list[dict[str, Any]] = []
     raws: list[float] = []
     raw_errors: list[str] = []
+    loaded_raws: list[float] = []
     why_not = net if isinstance(net, str) else memory_short(row.mem or s.mem)
     if why_not is not None or isinstance(net, str):  # the row says why it could not run
         ours.append(failed("unavailable", why_not or "no network"))
@@ -285,6 +294,12 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
                 raws.append(raw)
             say(f"{row.name:14s} raw copy run {i}/{s.repeat}: " + (
                 f"{raw / 2**20:.0f} MiB/s" if not isinstance(raw, str) else raw))
+            if row.name in LOADED_COPY_ROWS and row.link is None:
+                loaded = _raw_copy_beside_guest(row, s, net)
+                if not isinstance(loaded, str):
+                    loaded_raws.append(loaded)
+                say(f"{row.name:14s} raw copy beside the guest {i}/{s.repeat}: " + (
+                    f"{loaded / 2**20:.0f} MiB/s" if not isinstance(loaded, str) else loaded))
         if not theirs:
             theirs.append(failed("not-run", "QEMU not asked for (--vs-qemu)"))
     raw_med = sorted(raws)[len(raws) // 2] if raws else None
@@ -306,6 +321,11 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
     })
     if raw_errors and raw_med is None:
         rep["raw_copy_error"] = raw_errors[0]
+    if loaded_raws:
+        loaded_med = sorted(loaded_raws)[len(loaded_raws) // 2]
+        rep["raw_copy_loaded_bytes_per_s"] = loaded_med
+        rep["raw_copy_loaded_fraction"] = report.ratio(rep["livemig_bytes_per_s"], loaded_med)
+        rep["runs"]["raw_copy_loaded_bytes_per_s"] = loaded_raws
     return rep
 
 

@@ -344,7 +344,12 @@ def grid_table(grid: Mapping[str, Any]) -> Table:
                           "-" if frac is None else f"{frac:.2f} of raw"))
         if raw is not None:
             lines.append(("raw copy", _fmt(raw, "MiB") + "/s", "", ""))
-        elif rep.get("raw_copy_error"):
+        loaded = rep.get("raw_copy_loaded_bytes_per_s")
+        if loaded is not None:
+            lf = rep.get("raw_copy_loaded_fraction")
+            lines.append(("raw copy, guest running", _fmt(loaded, "MiB") + "/s", "",
+                          "-" if lf is None else f"{lf:.2f} of it"))
+        if raw is None and rep.get("raw_copy_error"):
             lines.append(("raw copy", str(rep["raw_copy_error"]), "", ""))
         for who, side in (("livemig", lm), ("QEMU", qm)):
             why = _why(side)
@@ -366,13 +371,14 @@ def grid_summary(grid: Mapping[str, Any]) -> Table:
     for name in ("total", "down", "stop-res", "gap", "bytes", "link B", "rounds"):
         table.add_column(name, justify="right")
     table.add_column("of raw", justify="right")
+    table.add_column("of raw, guest running", justify="right")
     for rep in grid.get("rows", []):
         rats = rep.get("ratios", {})
-        frac = rep.get("raw_copy_fraction")
+        fracs = (rep.get("raw_copy_fraction"), rep.get("raw_copy_loaded_fraction"))
         table.add_row(str(rep.get("row")), *(_fmt_ratio(rats.get(k)) for k in (
             "total", "downtime", "stop_to_resume", "guest_gap", "bytes", "link_bytes",
             "rounds")),
-            "-" if frac is None else f"{frac:.2f}")
+            *("-" if f is None else f"{f:.2f}" for f in fracs))
     return table
 
 
