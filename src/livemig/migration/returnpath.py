@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from livemig.migration import records
 from livemig.migration.channels import Channel
 from livemig.migration.errors import ConnectionLost, MigrationError, ProtocolError, RemoteError
 from livemig.migration.wire import Record, RecordType
@@ -18,7 +19,8 @@ class ReturnPath:
     """Reads destination records in the background.
 
     ERROR records and read failures are kept in `failure` so the sending side can check
-    between batches; ROUND_ACKs are dropped (they only pace nothing yet); a record with a
+    between batches; a ROUND_ACK moves `acked` (the last round the destination has placed,
+    see `wait_acked`); a record with a
     handler (post-copy's page requests) goes to it, on this thread; every other record is
     queued for `expect`. With no channel (a one-way file session) nothing ever comes and
     `expect` is not to be called.
@@ -31,12 +33,21 @@ class ReturnPath:
         self._early: list[Record] = []  # taken off the queue by an `expect` for another type
         self.handlers: dict[RecordType, Callable[[Record], None]] = {}
         self.failure: MigrationError | None = None
+        self.acked = 0  # the last round the destination said it placed (ROUND_ACK)
+        self._acked = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="migrate-return", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._read()
+        finally:
+            with self._acked:  # whoever waits for an ack learns that none will come
+                self._acked.notify_all()
+
+    def _read(self) -> None:
         while True:
             try:
                 rec = self.chan.read()
@@ -53,6 +64,14 @@ class ReturnPath:
                 self.failure = RemoteError(f"destination: {rec.text()}")
                 self._queue.put(rec)
                 return
+            if rec.type is RecordType.ROUND_ACK:
+                try:
+                    self._on_round_ack(rec)
+                except MigrationError as e:
+                    self.failure = self.failure or e
+                    self._queue.put(Record(RecordType.ERROR, memoryview(b"")))
+                    return
+                continue
             handler = self.handlers.get(rec.type)
             if handler is not None:
                 try:
@@ -61,8 +80,24 @@ class ReturnPath:
                     self.failure = self.failure or e
                     self._queue.put(Record(RecordType.ERROR, memoryview(b"")))
                     return
-            elif rec.type is not RecordType.ROUND_ACK:
+            else:
                 self._queue.put(Record(rec.type, memoryview(bytes(rec.payload))))
+
+    def _on_round_ack(self, rec: Record) -> None:
+        n = records.unpack(rec.payload, "ROUND_ACK", ("round",))["round"]
+        if not isinstance(n, int) or n < 0:
+            raise ProtocolError("ROUND_ACK record: round is not a count")
+        with self._acked:
+            self.acked = max(self.acked, n)
+            self._acked.notify_all()
+
+    def wait_acked(self, number: int, timeout: float) -> bool:
+        """Wait up to `timeout` s until the destination has placed round `number`; whether it
+        has (False too when the return path failed)."""
+        with self._acked:
+            return self._acked.wait_for(
+                lambda: self.acked >= number or self.failure is not None, timeout,
+            ) and self.failure is None
 
     def settle(self, timeout: float = 1.0) -> None:
         """After a send failed: give the reader time to pick up the destination's ERROR."""

@@ -52,6 +52,9 @@ from livemig.migration.stats import MigrationStats, Progress, RoundStats
 from livemig.migration.streams import SourceStreams
 from livemig.migration.wire import Record, RecordType
 
+# The longest the source waits, before the pause, for the destination to place the last live
+# round (ROUND_ACK): a backlog in socket buffers takes tens of ms, a stuck peer longer.
+CATCH_UP_LIMIT_S = 1.0
 SCAN_CHUNK = 32768  # pages scanned for zeroes at a time in the first round (128 MiB)
 PROGRESS_EVERY = 0.05  # seconds between progress callbacks
 HELLO_TIMEOUT = 30.0  # seconds for the destination's WELCOME, proofs and CONFIG_OK
@@ -133,6 +136,8 @@ class Source:
             self.stats.status = "active"
             self.state = SourceState.ITERATING
             self.strategy.live_copy(self)
+            if not self.paused:
+                self._catch_up()
             self._phase("live-copy")
             if not self.paused:
                 self.pause()
@@ -393,6 +398,20 @@ class Source:
             self.m.set_throttle(fraction)
             self.throttle = fraction
             self.stats.throttle = max(self.stats.throttle, fraction)
+
+    def _catch_up(self) -> None:
+        """Before the pause, let the destination place the last live round: what is still in
+        socket buffers then would otherwise be placed while the guest is paused (tens of ms
+        at the end of a large round). The guest runs meanwhile; what it dirties goes in the
+        final round. Bounded: a destination that does not answer in time is not waited for."""
+        if (not self.stats.rounds or self.ret is None or self.session is None
+                or hello_mod.FEATURE_ROUND_ACK not in self.session.features):
+            return
+        t = time.monotonic()
+        caught_up = self.ret.wait_acked(self.stats.rounds[-1].number, CATCH_UP_LIMIT_S)
+        self.check()
+        waited = (time.monotonic() - t) * 1000
+        self.stats.event(f"caught-up:{waited:.1f}ms" if caught_up else "catch-up-timeout")
 
     def pause(self) -> None:
         """Pause the guest; from now on the switch-over limit runs."""
