@@ -259,3 +259,19 @@ def test_rounds_go_on_within_the_limit_while_they_shrink_fast() -> None:
     assert d.stop and d.reason == "converged"
     d = Convergence(MigrationOptions()).after_round(2, 1000, 200, ONE_PAGE_PER_MS * 1000)
     assert d.stop and d.reason == "converged"  # 200 pages: a final round of a millisecond
+
+
+def test_a_round_that_stalled_within_the_limit_gets_one_more_try() -> None:
+    """A round that left nearly what it sent, with a final round still predicted over a tenth
+    of the limit, may have been a stall of the sender: one more round, once."""
+    conv = Convergence(MigrationOptions(max_downtime_ms=300))
+    rate = ONE_PAGE_PER_MS * 250  # 250 pages/ms
+    conv.after_round(1, 25600, 20000, rate)
+    d = conv.after_round(2, 20000, 19000, rate)  # q = 0.95, 76 ms predicted
+    assert not d.stop and d.reason == "retry"
+    d = conv.after_round(3, 19000, 18000, rate)  # stalled again: no second try
+    assert d.stop and d.reason == "converged"
+    conv = Convergence(MigrationOptions(max_downtime_ms=300))
+    conv.after_round(1, 25600, 7000, rate)
+    d = conv.after_round(2, 7000, 6800, rate)  # 27 ms: under a tenth of the limit, stop
+    assert d.stop and d.reason == "converged"

@@ -14,6 +14,10 @@ meanwhile, and the bandwidth it achieved (counted in pages, as if each went raw:
   shrinks the final round (the downtime) by 30 % or more for a fraction of the time of the
   previous round, so the source goes on even though the downtime limit is already met (after
   the first round always, whose counts say nothing yet of the dirty rate: see below); or
+  A round that did not shrink that much, with the predicted downtime still over
+  `RETRY_FRACTION` of the limit (30 ms of 300), gets one more round, once per migration
+  ("retry"): on a busy host one slow round is often a stall of the sender, not the guest
+  outrunning the link, and the next round is then much smaller; or
 - the round reached `max_rounds` ("max-rounds"), or
 - without auto-converge, `NOT_CONVERGING_ROUNDS` (2) rounds in a row did not shrink: each left
   at least `shrink_ratio` as many pages owed as there were when it began ("not-converging";
@@ -53,6 +57,11 @@ MIN_FINAL_PAGES = 256
 FINAL_FRACTION = 1 / 30
 # Without auto-converge, iteration gives up after this many rounds in a row that did not shrink.
 NOT_CONVERGING_ROUNDS = 2
+# Within the limit, a round that did not shrink enough to go on may have been a stall of the
+# sender on a busy host (live rates here vary 2x from one round to the next): while the
+# predicted downtime is over this fraction of the limit (30 ms of the default 300), one more
+# round is tried, once per migration.
+RETRY_FRACTION = 1 / 10
 
 
 @dataclass
@@ -73,6 +82,7 @@ class Convergence:
         self.throttle = 0.0
         self.held = 0  # pages held back (--hold-hot) when the next round begins
         self.stalled = 0  # rounds in a row that did not shrink
+        self.retried = False  # the one extra round within the limit was tried
 
     def predict_ms(self, dirty_pages: int, bandwidth: float) -> float:
         """Time to send `dirty_pages` at `bandwidth` bytes/s."""
@@ -97,9 +107,12 @@ class Convergence:
         first = number == 1
         if predicted <= o.max_downtime_ms:
             small = dirty <= MIN_FINAL_PAGES or predicted <= o.max_downtime_ms * FINAL_FRACTION
-            if (number < o.max_rounds and not only_held and not small
-                    and (first or dirty <= began * CONTINUE_RATIO)):
+            more = number < o.max_rounds and not only_held and not small
+            if more and (first or dirty <= began * CONTINUE_RATIO):
                 return Decision(False, "shrinking", predicted, self.throttle)
+            if more and not self.retried and predicted > o.max_downtime_ms * RETRY_FRACTION:
+                self.retried = True
+                return Decision(False, "retry", predicted, self.throttle)
             return Decision(True, "converged", predicted, self.throttle)
         if number >= o.max_rounds:
             return Decision(True, "max-rounds", predicted, self.throttle)
