@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -371,7 +372,7 @@ def grid_summary(grid: Mapping[str, Any]) -> Table:
     for name in ("total", "down", "stop-res", "gap", "bytes", "link B", "rounds"):
         table.add_column(name, justify="right")
     table.add_column("of raw", justify="right")
-    table.add_column("of raw, guest running", justify="right")
+    table.add_column("of loaded raw", justify="right")
     for rep in grid.get("rows", []):
         rats = rep.get("ratios", {})
         fracs = (rep.get("raw_copy_fraction"), rep.get("raw_copy_loaded_fraction"))
@@ -401,7 +402,8 @@ def goals_table(grid: Mapping[str, Any]) -> Table:
 def print_grid(grid: Mapping[str, Any], console: Console | None = None) -> None:
     """Print the grid: the table with a group per scenario, the summary of ratios, and the
     goals."""
-    c = console or Console()
+    # Into a file or a pipe, wide enough that the summary's ten columns are not cut.
+    c = console or Console(width=None if sys.stdout.isatty() else 120)
     c.print(grid_table(grid))
     c.print(grid_summary(grid))
     if grid.get("goals"):
