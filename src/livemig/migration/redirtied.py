@@ -43,6 +43,7 @@ class RedirtiedSkip:
         self.reads = 0  # dirty-log reads during the current round
         self._interval = refresh_s
         self._since = 0  # pages skipped since the last read
+        self._found_any = False
         self._last = time.monotonic()
 
     def begin_round(self) -> None:
@@ -55,7 +56,7 @@ class RedirtiedSkip:
         """The pages of `idx` (about to be sent) not dirtied again since the round began."""
         if time.monotonic() - self._last >= self._interval:
             self._read()
-        if not self.found.any():
+        if not self._found_any:
             return idx
         kept = idx[~self.found[idx]]
         self.skipped += len(idx) - len(kept)
@@ -70,6 +71,7 @@ class RedirtiedSkip:
         else:
             self._interval = self.refresh_s
         self.found |= self.memory.fetch_dirty()
+        self._found_any = bool(self.found.any())
         self.reads += 1
         self._since = 0
         self._last = time.monotonic()
@@ -78,4 +80,5 @@ class RedirtiedSkip:
         """Every page found dirty during the round (bool per page); cleared for the next."""
         found = self.found
         self.found = np.zeros_like(found)
+        self._found_any = False
         return found
