@@ -272,6 +272,7 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
     raws: list[float] = []
     raw_errors: list[str] = []
     loaded_raws: list[float] = []
+    loaded_errors: list[str] = []
     why_not = net if isinstance(net, str) else memory_short(row.mem or s.mem)
     if why_not is not None or isinstance(net, str):  # the row says why it could not run
         ours.append(failed("unavailable", why_not or "no network"))
@@ -296,7 +297,9 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
                 f"{raw / 2**20:.0f} MiB/s" if not isinstance(raw, str) else raw))
             if row.name in LOADED_COPY_ROWS and row.link is None:
                 loaded = _raw_copy_beside_guest(row, s, net)
-                if not isinstance(loaded, str):
+                if isinstance(loaded, str):
+                    loaded_errors.append(loaded)
+                else:
                     loaded_raws.append(loaded)
                 say(f"{row.name:14s} raw copy beside the guest {i}/{s.repeat}: " + (
                     f"{loaded / 2**20:.0f} MiB/s" if not isinstance(loaded, str) else loaded))
@@ -326,6 +329,8 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
         rep["raw_copy_loaded_bytes_per_s"] = loaded_med
         rep["raw_copy_loaded_fraction"] = report.ratio(rep["livemig_bytes_per_s"], loaded_med)
         rep["runs"]["raw_copy_loaded_bytes_per_s"] = loaded_raws
+    elif loaded_errors:
+        rep["raw_copy_loaded_error"] = loaded_errors[0]
     return rep
 
 

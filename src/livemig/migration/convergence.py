@@ -13,11 +13,11 @@ meanwhile, and the bandwidth it achieved (counted in pages, as if each went raw:
   `FINAL_FRACTION` of the limit (10 ms of the default 300 ms), one more short live round
   shrinks the final round (the downtime) by 30 % or more for a fraction of the time of the
   previous round, so the source goes on even though the downtime limit is already met (after
-  the first round always, whose counts say nothing yet of the dirty rate: see below); or
-  A round that did not shrink that much, with the predicted downtime still over
-  `RETRY_FRACTION` of the limit (30 ms of 300), gets one more round, once per migration
-  ("retry"): on a busy host one slow round is often a stall of the sender, not the guest
-  outrunning the link, and the next round is then much smaller; or
+  the first round always, whose counts say nothing yet of the dirty rate: see below). A round
+  that did not shrink that much, with the predicted downtime still over `RETRY_FRACTION` of
+  the limit (30 ms of 300), gets one more round, once per migration ("retry"): on a busy host
+  one slow round is often a stall of the sender, not the guest outrunning the link, and the
+  next round is then much smaller; or
 - the round reached `max_rounds` ("max-rounds"), or
 - without auto-converge, `NOT_CONVERGING_ROUNDS` (2) rounds in a row did not shrink: each left
   at least `shrink_ratio` as many pages owed as there were when it began ("not-converging";
