@@ -174,6 +174,25 @@ class _Networks:
             return f"cannot set up {where}: {_one_line(e)}"
 
 
+@dataclass
+class Yardstick:
+    """One raw-copy figure over a row's repeats: the rates (bytes/s), and why any failed."""
+
+    rates: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, value: float | str) -> str:
+        """Keep one measurement (a rate, or why there is none); its text for the run's line."""
+        if isinstance(value, str):
+            self.errors.append(value)
+            return value
+        self.rates.append(value)
+        return f"{value / 2**20:.0f} MiB/s"
+
+    def median(self) -> float | None:
+        return sorted(self.rates)[len(self.rates) // 2] if self.rates else None
+
+
 def _counted(net: netns.Network, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one side; add the bytes that crossed the network's link meanwhile."""
     before = net.link_bytes()
@@ -269,10 +288,7 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
     """Run one row ``s.repeat`` times; its report (see the module docstring)."""
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
-    raws: list[float] = []
-    raw_errors: list[str] = []
-    loaded_raws: list[float] = []
-    loaded_errors: list[str] = []
+    raw, loaded = Yardstick(), Yardstick()
     why_not = net if isinstance(net, str) else memory_short(row.mem or s.mem)
     if why_not is not None or isinstance(net, str):  # the row says why it could not run
         ours.append(failed("unavailable", why_not or "no network"))
@@ -288,24 +304,14 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
                 say(_line(row.name, "qemu", i, s.repeat, theirs[-1]))
             if not s.raw_copy:
                 continue
-            raw = _raw_copy(row, s, net)
-            if isinstance(raw, str):
-                raw_errors.append(raw)
-            else:
-                raws.append(raw)
-            say(f"{row.name:14s} raw copy run {i}/{s.repeat}: " + (
-                f"{raw / 2**20:.0f} MiB/s" if not isinstance(raw, str) else raw))
+            say(f"{row.name:14s} raw copy run {i}/{s.repeat}: "
+                + raw.add(_raw_copy(row, s, net)))
             if row.name in LOADED_COPY_ROWS and row.link is None:
-                loaded = _raw_copy_beside_guest(row, s, net)
-                if isinstance(loaded, str):
-                    loaded_errors.append(loaded)
-                else:
-                    loaded_raws.append(loaded)
-                say(f"{row.name:14s} raw copy beside the guest {i}/{s.repeat}: " + (
-                    f"{loaded / 2**20:.0f} MiB/s" if not isinstance(loaded, str) else loaded))
+                say(f"{row.name:14s} raw copy beside the guest {i}/{s.repeat}: "
+                    + loaded.add(_raw_copy_beside_guest(row, s, net)))
         if not theirs:
             theirs.append(failed("not-run", "QEMU not asked for (--vs-qemu)"))
-    raw_med = sorted(raws)[len(raws) // 2] if raws else None
+    raw_med = raw.median()
     rep = report.build_report(f"{row.name}: {row.title}", ours, theirs, raw_med,
                               ratio_keys=report.GRID_RATIO_KEYS)
     rep.update({
@@ -320,17 +326,17 @@ def run_row(row: Row, s: GridSettings, net: netns.Network | str,
                          *row.livemig_args],
         "qemu_config": dict(row.qemu),
         "qemu_bytes_per_s": report.throughput(rep["qemu"]),
-        "runs": {"livemig": ours, "qemu": theirs, "raw_copy_bytes_per_s": raws},
+        "runs": {"livemig": ours, "qemu": theirs, "raw_copy_bytes_per_s": raw.rates},
     })
-    if raw_errors and raw_med is None:
-        rep["raw_copy_error"] = raw_errors[0]
-    if loaded_raws:
-        loaded_med = sorted(loaded_raws)[len(loaded_raws) // 2]
+    if raw.errors and raw_med is None:
+        rep["raw_copy_error"] = raw.errors[0]
+    loaded_med = loaded.median()
+    if loaded_med is not None:
         rep["raw_copy_loaded_bytes_per_s"] = loaded_med
         rep["raw_copy_loaded_fraction"] = report.ratio(rep["livemig_bytes_per_s"], loaded_med)
-        rep["runs"]["raw_copy_loaded_bytes_per_s"] = loaded_raws
-    elif loaded_errors:
-        rep["raw_copy_loaded_error"] = loaded_errors[0]
+        rep["runs"]["raw_copy_loaded_bytes_per_s"] = loaded.rates
+    elif loaded.errors:
+        rep["raw_copy_loaded_error"] = loaded.errors[0]
     return rep
 
 
