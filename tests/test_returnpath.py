@@ -37,7 +37,8 @@ def test_round_acks_move_what_the_source_waits_on() -> None:
 
 
 @pytest.mark.parametrize("payload", [b"\xc1", records.pack({"round": "x"}),
-                                     records.pack({"round": -1}), records.pack({})])
+                                     records.pack({"round": -1}), records.pack({"round": True}),
+                                     records.pack({})])
 def test_a_malformed_round_ack_fails_the_return_path(payload: bytes) -> None:
     ret, peer = _path()
     with peer:

@@ -85,7 +85,7 @@ class ReturnPath:
 
     def _on_round_ack(self, rec: Record) -> None:
         n = records.unpack(rec.payload, "ROUND_ACK", ("round",))["round"]
-        if not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ProtocolError("ROUND_ACK record: round is not a count")
         with self._acked:
             self.acked = max(self.acked, n)
