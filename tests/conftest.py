@@ -144,19 +144,24 @@ class Listener:
     """A `livemig listen --once` process on loopback; its port is read from what it prints."""
 
     def __init__(self, tmp: Path, console: Path | None = None, name: str = "dst",
-                 auth: list[str] | None = None) -> None:
+                 auth: list[str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.control = str(tmp / f"{name}.sock")
         self.console = console
         self.proc = subprocess.Popen(
             [*LIVEMIG, "listen", "--host", "127.0.0.1", "--port", "0", "--once",
-             *(AUTH if auth is None else auth),
+             *(AUTH if auth is None else auth), *args,
              "--console", str(console) if console else "none", "--control", self.control],
             stderr=subprocess.PIPE, text=True, cwd=ROOT)
         _LISTENERS.append(self)
         assert self.proc.stderr is not None
-        m = re.search(r":(\d+)\s*$", self.proc.stderr.readline())
-        assert m, "listen did not say its port"
-        self.port = int(m.group(1))
+        self.said: list[str] = []  # what it printed before its port
+        for line in iter(self.proc.stderr.readline, ""):
+            if m := re.search(r"listening for a migration on .*:(\d+)\s*$", line):
+                self.port = int(m.group(1))
+                break
+            self.said.append(line)
+        else:
+            raise AssertionError(f"listen did not say its port: {''.join(self.said)}")
 
     def ctl(self, cmd: str, **kw: Any) -> dict[str, Any]:
         from livemig.control import request
@@ -201,11 +206,13 @@ def future_version_destination() -> tuple[str, int]:
 def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
                          *flags: str, guest: str = "verify", mem: str = "256M",
                          cmdline: str = "wss=4M rate=2000",
-                         verify_memory: bool = True) -> dict[str, Any]:
+                         verify_memory: bool = True, listen_args: tuple[str, ...] = (),
+                         listener_said: list[str] | None = None) -> dict[str, Any]:
     """Migrate a live `verify` guest (256M, wss=4M; or another that reports OK) with
     `livemig migrate FLAGS --verify-memory --json` to a `livemig listen`; check it completed,
     verified (unless `verify_memory` is false: then the guest's own checks alone judge), and
-    that the guest passes again at the destination. Returns the stats."""
+    that the guest passes again at the destination. Returns the stats; `listener_said` gets
+    what the listener printed (its options: `listen_args`)."""
     import json
 
     src = machines(["run", image(guest), "--mem", mem, "--vcpus", "2",
@@ -214,7 +221,7 @@ def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
     # reports only heartbeats (and FAIL on a mismatch).
     count = "ok" if guest == "verify" else "heartbeat"
     wait_for(lambda: src.ctl("status")["probe"]["counts"][count] >= 1, 30, f"a first {guest} pass")
-    dst = Listener(tmp)
+    dst = Listener(tmp, args=listen_args)
     try:
         check = ["--verify-memory"] if verify_memory else []
         res = run_cli("migrate", src.control, "--to", f"127.0.0.1:{dst.port}", *AUTH, *flags,
@@ -232,5 +239,7 @@ def migrate_verify_guest(machines: Callable[..., MachineProcess], tmp: Path,
         assert status["probe"]["counts"]["fail"] == 0, status["probe"]
         dst.ctl("quit")
     finally:
-        dst.stop()
+        out = dst.stop()
+        if listener_said is not None:
+            listener_said.extend([*dst.said, out])
     return stats

@@ -53,6 +53,7 @@ class BackingKind(enum.Enum):
     FRESH = "fresh"  # a new memfd, all zero
     ADOPTED = "adopted"  # the memfd of another process's machine, handed over (SCM_RIGHTS)
     TEMPLATE = "template"  # a template's memory file, mapped copy-on-write (private)
+    PREPARED = "prepared"  # a zero-filled RAM file this process populated ahead (rampool)
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,15 @@ class MemoryBacking:
     ADOPTED: `fds` are the RAM memfds another process sent (the machine takes them over and
     shares them with that process, so it never frees their pages). TEMPLATE: `path` is a
     template memory file of exactly the RAM size; pages the guest never writes stay the
-    file's, shared with every other machine mapping it."""
+    file's, shared with every other machine mapping it. PREPARED: `fds` is one zero-filled
+    RAM file of at least the RAM size, every page already allocated (`listen --prealloc`); the
+    machine owns it from then on and trims it to its size. FRESH with `huge`: transparent huge
+    pages where the host can give them (`livemig.hugeshm`), else a plain memfd."""
 
     kind: BackingKind = BackingKind.FRESH
     fds: tuple[int, ...] = ()
     path: str = ""
+    huge: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, BackingKind, ConfigError, MemoryBacking
 from livemig.extents import data_pages
+from livemig.hugeshm import HugeUnavailable, open_huge
 from livemig.memfd import release
 
 PM_PRESENT = 1 << 63
@@ -107,6 +108,16 @@ class RamBacked:
         return self._ram.hand_over()
 
 
+def host_available_bytes() -> int:
+    """What this host can still give: MemAvailable plus free swap."""
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    return fields.get("MemAvailable", 0) + fields.get("SwapFree", 0)
+
+
 def pagemap(addr: int, pages: int) -> np.ndarray:
     """This process's pagemap entries (u64 each) for `pages` pages from `addr`."""
     with open("/proc/self/pagemap", "rb", buffering=0) as f:
@@ -120,9 +131,10 @@ def open_ram(size: int, backing: MemoryBacking, name: str) -> RamMapping:
     """Map `size` bytes of RAM as `backing` says; ConfigError when the backing does not fit."""
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if backing.kind is BackingKind.FRESH:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        fd = _fresh_fd(size, name, backing.huge)
         return RamMapping(size, mmap.mmap(fd, size, mmap.MAP_SHARED, prot), fd, None, True)
+    if backing.kind is BackingKind.PREPARED:
+        return _prepared(size, backing)
     if backing.kind is BackingKind.ADOPTED:
         if len(backing.fds) != 1:
             raise ConfigError(f"RAM is one memfd, {len(backing.fds)} were handed over")
@@ -144,6 +156,33 @@ def open_ram(size: int, backing: MemoryBacking, name: str) -> RamMapping:
         os.close(fd)
         raise
     return RamMapping(size, m, None, fd, True, backing.path)
+
+
+def _prepared(size: int, backing: MemoryBacking) -> RamMapping:
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if len(backing.fds) != 1:
+        raise ConfigError(f"prepared RAM is one file, {len(backing.fds)} were given")
+    fd = backing.fds[0]
+    try:
+        have = os.fstat(fd).st_size
+        if have < size:
+            raise ConfigError(f"prepared RAM holds {have} bytes, the machine's RAM is {size}")
+        os.ftruncate(fd, size)  # frees what lies beyond
+        return RamMapping(size, mmap.mmap(fd, size, mmap.MAP_SHARED, prot), fd, None, True)
+    except BaseException:
+        os.close(fd)  # taken over: ours to close, whatever happens
+        raise
+
+
+def _fresh_fd(size: int, name: str, huge: bool) -> int:
+    if huge:
+        try:
+            return open_huge(size)
+        except HugeUnavailable:
+            pass  # no privilege or an old kernel: 4 KiB pages, slower to fill, same contents
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
 
 
 def _check_size(fd: int, size: int, what: str) -> None:

@@ -384,6 +384,7 @@ class QemuMigrationConfig:
     cpu_model: str | None = None
     log_dir: str | None = None  # keep serial logs and QEMU stderr here; else a temp dir
     extra_args: list[str] = field(default_factory=list)
+    dst_args: list[str] = field(default_factory=list)  # the destination's only (-mem-prealloc)
     # Called once the guest is warm, just before `migrate` (clients start there), and once
     # the destination settled, before both QEMUs are stopped (clients finish there).
     before_migrate: Callable[[], None] | None = None
@@ -811,7 +812,8 @@ def run_qemu_migration(cfg: QemuMigrationConfig) -> QemuMigrationResult:
         # Unix socket paths are short-lived and kept in the temp dir (108-byte path limit).
         src = QemuProcess("source", Path(tmp), [*cfg.src_prefix, *argv])
         procs.append(src)
-        dst = QemuProcess("dest", Path(tmp), [*cfg.dst_prefix, *argv, "-incoming", "defer"])
+        dst = QemuProcess("dest", Path(tmp),
+                          [*cfg.dst_prefix, *argv, *cfg.dst_args, "-incoming", "defer"])
         procs.append(dst)
         res = _migrate(src, dst, cfg)
         res.cpu_model = cpu_model

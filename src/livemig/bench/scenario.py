@@ -40,6 +40,7 @@ class LivemigScenario:
     dst_host: str = "127.0.0.1"
     src_prefix: list[str] = field(default_factory=list)
     dst_prefix: list[str] = field(default_factory=list)
+    dst_args: list[str] = field(default_factory=list)  # more `livemig listen` options
 
 
 def run_livemig(sc: LivemigScenario) -> dict[str, Any]:
@@ -50,7 +51,8 @@ def run_livemig(sc: LivemigScenario) -> dict[str, Any]:
     try:
         with MigrationPair(guest_image(sc.workload), sc.mem, sc.vcpus, sc.cmdline,
                            dst_host=sc.dst_host, src_prefix=sc.src_prefix,
-                           dst_prefix=sc.dst_prefix, auth=sc.auth) as pair:
+                           dst_prefix=sc.dst_prefix, auth=sc.auth,
+                           dst_args=sc.dst_args) as pair:
             return _measure(pair, sc)
     except PairError as e:
         raise ScenarioError(str(e)) from e

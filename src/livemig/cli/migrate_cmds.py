@@ -36,6 +36,8 @@ from livemig.migration import Mode
 from livemig.migration.errors import InternalError
 from livemig.migration.listener import Listener
 from livemig.migration.transport import Address, AddressError, bind
+from livemig.ram import host_available_bytes
+from livemig.rampool import PoolError, RamPool
 
 __all__ = ["add_commands", "listen_cmd", "migrate_cmd", "register_migration_controls"]
 
@@ -59,6 +61,25 @@ class _Consoles:
         return build_machine(cfg, sink, self.taps)
 
 
+def _ram_pool(size: int | None) -> RamPool | None:
+    """The RAM of `listen --prealloc`, allocated now; BadInput when the host cannot give it."""
+    if size is None:
+        return None
+    avail = host_available_bytes()
+    if size <= 0 or size > avail:
+        raise BadInput(f"--prealloc {size >> 20} MiB: this host can give "
+                       f"{avail >> 20} MiB" if size > 0 else "--prealloc must be positive")
+    pool = RamPool(size)
+    try:
+        pool.fill()
+    except PoolError as e:
+        raise BadInput(f"--prealloc: {e.strerror}") from e
+    kind = "2 MiB pages" if pool.huge else "4 KiB pages"
+    click.echo(f"livemig: {size >> 20} MiB of RAM allocated ahead in {pool.fill_s:.2f} s "
+               f"({kind})", err=True)
+    return pool
+
+
 def _address(host: str, port: int | None, unix: str | None) -> Address:
     if unix:
         return Address(path=unix)
@@ -79,10 +100,13 @@ def _address(host: str, port: int | None, unix: str | None) -> Address:
 @click.option("--templates", "templates_dir", default=None,
               help="directory of templates held here: a clone of one of them migrates in "
               "sending only its own pages (--mode tlm)")
+@click.option("--prealloc", type=SIZE, default=None,
+              help="allocate this much RAM before listening (like QEMU's -mem-prealloc): a "
+              "pre-copy or stop-and-copy of a machine that fits fills it without allocating")
 @security_options
 def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
                control: str | None, once: bool, nets: tuple[NetSpec, ...],
-               templates_dir: str | None,
+               templates_dir: str | None, prealloc: int | None,
                key_file: str | None, tls_dir: str | None, insecure: bool) -> None:
     """Wait for a machine to migrate in, then run it here with its own control socket."""
     if templates_dir is not None and not os.path.isdir(templates_dir):
@@ -91,6 +115,7 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     sec = build_security(key_file, tls_dir, insecure)
     addr = _address(host, port, unix)
     preload_backends()
+    pool = _ram_pool(prealloc)
     try:
         srv = bind(addr)
     except AddressError as e:
@@ -98,7 +123,7 @@ def listen_cmd(host: str, port: int | None, unix: str | None, console: str,
     where = f"unix:{addr.path}" if addr.is_unix else "{}:{}".format(*srv.getsockname()[:2])
     consoles = _Consoles(console, [n.tap for n in nets])
     lst = Listener(srv, sec, consoles.build, log=lambda m: click.echo(f"livemig: {m}", err=True),
-                   templates_dir=templates_dir and os.path.abspath(templates_dir))
+                   templates_dir=templates_dir and os.path.abspath(templates_dir), ram_pool=pool)
     sound, bad = lst.check_templates()  # before taking migrations: none waits for the hashes
     click.echo(f"livemig: listening for a migration on {where}", err=True)
     if templates_dir is not None:

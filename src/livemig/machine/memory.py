@@ -10,7 +10,7 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, BackingKind, ConfigError, MemoryBacking
 from livemig.kvm import Vm
-from livemig.ram import RamBacked, host_address, open_ram
+from livemig.ram import RamBacked, host_address, host_available_bytes, open_ram
 
 LOW_MEM_END = 3 << 30  # RAM above this guest-physical address moves above 4 GiB
 HIGH_MEM_START = 4 << 30
@@ -32,16 +32,6 @@ class Slot:
     @property
     def pages(self) -> int:
         return self.size // PAGE_SIZE
-
-
-def host_available_bytes() -> int:
-    """What this host can still give: MemAvailable plus free swap."""
-    fields: dict[str, int] = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            fields[key] = int(rest.split()[0]) * 1024
-    return fields.get("MemAvailable", 0) + fields.get("SwapFree", 0)
 
 
 def layout(size: int) -> list[Slot]:

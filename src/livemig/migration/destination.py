@@ -67,6 +67,7 @@ from livemig.migration.streams import DestStreams
 from livemig.migration.verify import VerifyTable
 from livemig.migration.wire import HEADER_SIZE, MAX_PAYLOAD, Header, Record, RecordType
 from livemig.probe import ProbeKind
+from livemig.rampool import RamPool
 
 FIRST_HEARTBEAT_WAIT = 5.0  # seconds the destination waits for the guest's first heartbeat
 IDLE_TIMEOUT = 60.0  # seconds without a record before an incoming migration is given up
@@ -109,9 +110,10 @@ class Destination:
                  outcomes: Outcomes | None = None, idle_timeout: float = IDLE_TIMEOUT,
                  join: Callable[[str, float], Channel] | None = None,
                  log: Callable[[str], None] = lambda s: None,
-                 templates_dir: str | None = None) -> None:
+                 templates_dir: str | None = None, ram_pool: RamPool | None = None) -> None:
         self.sess = sess
         self.templates_dir = templates_dir  # where TLM finds templates by content id
+        self.ram_pool = ram_pool  # RAM allocated ahead (listen --prealloc)
         # Takes an extra connection of the session by label (page streams, urgent, recover)
         # within the timeout given.
         self.join = join
@@ -247,8 +249,11 @@ class Destination:
         postcopy = d.get("postcopy") is True
         if postcopy and (self.join is None or hello.FEATURE_POSTCOPY not in self.sess.features):
             raise ProtocolError("post-copy was not negotiated")
-        cfg.backing = backing.incoming(d.get("memory"), self.sess, self.templates_dir)
+        cfg.backing = backing.incoming(d.get("memory"), self.sess, self.templates_dir,
+                                       postcopy, self.ram_pool, cfg.mem_size)
         self.machine = self.build(cfg)
+        if cfg.backing.kind is BackingKind.PREPARED:
+            self.log("the machine's RAM was allocated ahead (--prealloc)")
         # Post-copy pages are installed by userfaultfd, into holes; other backings hold their
         # data already.
         if not postcopy and cfg.backing.kind is BackingKind.FRESH:

@@ -30,6 +30,7 @@ from livemig.migration.security import Security
 from livemig.migration.session import Session
 from livemig.migration.stats import MigrationStats
 from livemig.migration.wire import MAX_PAYLOAD, RecordType
+from livemig.rampool import RamPool
 
 HELLO_TIMEOUT = 10.0
 HELLO_LIMIT = 64 << 10
@@ -88,9 +89,10 @@ class Listener:
                  build: Callable[[MachineConfig], Machine],
                  log: Callable[[str], None] = lambda s: None,
                  hello_timeout: float = HELLO_TIMEOUT, max_pending: int = MAX_PENDING,
-                 templates_dir: str | None = None) -> None:
+                 templates_dir: str | None = None, ram_pool: RamPool | None = None) -> None:
         self.srv = srv
         self.templates_dir = templates_dir  # templates held here, for TLM (listen --templates)
+        self.ram_pool = ram_pool  # RAM allocated ahead (listen --prealloc), one machine's
         self.security = security
         self.build = build
         self.log = log
@@ -266,10 +268,12 @@ class Listener:
             sess = Session(chosen.session, chosen.min_version, chosen.features,
                            CodecSet(chosen.encodings), chan, back, self.security.describe())
             dest = Destination(sess, self.build, self.outcomes, join=active.take, log=self.log,
-                               templates_dir=self.templates_dir)
+                               templates_dir=self.templates_dir, ram_pool=self.ram_pool)
             try:
                 machine, stats = dest.run()
             except MigrationError as e:
+                if self.ram_pool is not None:
+                    self.ram_pool.refill()  # the failed machine's RAM may have taken it
                 self.results.put(Incoming(peer, None, e.stats or dest.stats, e))
                 return
             self.accepting_machines = False
