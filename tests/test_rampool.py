@@ -101,11 +101,10 @@ def test_prealloc_more_than_the_host_has_is_bad_input() -> None:
 
 
 @needs_kvm
-@pytest.mark.parametrize("flags", [(), ("--mode", "stop-copy")], ids=["precopy", "stop-copy"])
 def test_migration_into_ram_allocated_ahead(machines: Callable[..., MachineProcess],
-                                            tmp_path: Path, flags: tuple[str, ...]) -> None:
+                                            tmp_path: Path) -> None:
     said: list[str] = []
-    migrate_verify_guest(machines, tmp_path, *flags, listen_args=("--prealloc", "256M"),
+    migrate_verify_guest(machines, tmp_path, listen_args=("--prealloc", "256M"),
                          listener_said=said)
     text = "".join(said)
     assert "256 MiB of RAM allocated ahead" in text, text

@@ -65,13 +65,11 @@ class MemoryBacking:
     template memory file of exactly the RAM size; pages the guest never writes stay the
     file's, shared with every other machine mapping it. PREPARED: `fds` is one zero-filled
     RAM file of at least the RAM size, every page already allocated (`listen --prealloc`); the
-    machine owns it from then on and trims it to its size. FRESH with `huge`: transparent huge
-    pages where the host can give them (`livemig.hugeshm`), else a plain memfd."""
+    machine owns it from then on and trims it to its size."""
 
     kind: BackingKind = BackingKind.FRESH
     fds: tuple[int, ...] = ()
     path: str = ""
-    huge: bool = False
 
 
 @dataclass

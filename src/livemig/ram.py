@@ -17,7 +17,6 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, BackingKind, ConfigError, MemoryBacking
 from livemig.extents import data_pages
-from livemig.hugeshm import HugeUnavailable, open_huge
 from livemig.memfd import release
 
 PM_PRESENT = 1 << 63
@@ -131,7 +130,8 @@ def open_ram(size: int, backing: MemoryBacking, name: str) -> RamMapping:
     """Map `size` bytes of RAM as `backing` says; ConfigError when the backing does not fit."""
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if backing.kind is BackingKind.FRESH:
-        fd = _fresh_fd(size, name, backing.huge)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
         return RamMapping(size, mmap.mmap(fd, size, mmap.MAP_SHARED, prot), fd, None, True)
     if backing.kind is BackingKind.PREPARED:
         return _prepared(size, backing)
@@ -172,17 +172,6 @@ def _prepared(size: int, backing: MemoryBacking) -> RamMapping:
     except BaseException:
         os.close(fd)  # taken over: ours to close, whatever happens
         raise
-
-
-def _fresh_fd(size: int, name: str, huge: bool) -> int:
-    if huge:
-        try:
-            return open_huge(size)
-        except HugeUnavailable:
-            pass  # no privilege or an old kernel: 4 KiB pages, slower to fill, same contents
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def _check_size(fd: int, size: int, what: str) -> None:

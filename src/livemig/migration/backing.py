@@ -33,19 +33,16 @@ def incoming(memory: object, sess: Session, templates_dir: str | None = None,
     """The backing a CONFIG's "memory" field asks for; ProtocolError when it cannot be had.
     Descriptors that came with CONFIG and are not used are closed.
 
-    Fresh RAM that the migration fills by writing into it gets huge pages where the host can
-    give them: allocating it is otherwise the slowest part of round 1. Post-copy's RAM stays on
-    4 KiB pages: userfaultfd installs it a page at a time, and a 2 MiB page would hold up to
-    511 pages the guest can read before they arrive. RAM allocated ahead (`pool`, `listen
-    --prealloc`) is taken first where it fits."""
+    Fresh RAM is taken from `pool` (RAM allocated ahead: `listen --prealloc`) where it fits,
+    except by post-copy: userfaultfd installs its pages into holes, and the pool's RAM has
+    none."""
     fds = sess.main.take_fds()
     try:
         if memory is None:
             if fds:
                 raise ProtocolError("file descriptors came with a CONFIG that asks for none")
-            if postcopy:
-                return MemoryBacking()
-            return (pool and pool.take(mem_size)) or MemoryBacking(huge=True)
+            taken = None if postcopy or pool is None else pool.take(mem_size)
+            return taken or MemoryBacking()
         if not isinstance(memory, dict) or not isinstance(memory.get("kind"), str):
             raise ProtocolError("CONFIG record: memory is not a map with a kind")
         if memory["kind"] == MEMORY_HANDOVER:
