@@ -41,7 +41,7 @@ from livemig.contract import (
     hold_device_ram,
     net_ports,
 )
-from livemig.migration import backing, faultpath, handshake, hello, records, scan
+from livemig.migration import backing, faultpath, gil, handshake, hello, records, scan
 from livemig.migration import pages as pages_mod
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.codecs import SUPPORTED, CodecSet
@@ -142,6 +142,10 @@ class Destination:
 
     def run(self) -> tuple[Machine, MigrationStats]:
         """Receive until RUNNING; raises MigrationError (and the machine is closed)."""
+        with gil.quick_handoff():
+            return self._run()
+
+    def _run(self) -> tuple[Machine, MigrationStats]:
         handlers = {
             RecordType.CONFIG: self._on_config,
             RecordType.ROUND_END: self._on_round_end, RecordType.VERIFY: self._on_verify,

@@ -29,8 +29,17 @@ import numpy as np
 
 from livemig.contract import PAGE_SIZE, Machine, net_ports
 from livemig.extents import runs
+from livemig.migration import (
+    gil,
+    records,
+    redirtied,
+    resolve,
+    scan,
+    session,
+    strategies,
+    verify,
+)
 from livemig.migration import hello as hello_mod
-from livemig.migration import records, redirtied, resolve, scan, session, strategies, verify
 from livemig.migration.channels import Channel, Role, SocketChannel
 from livemig.migration.convergence import PAGE_OVERHEAD
 from livemig.migration.errors import (
@@ -126,6 +135,10 @@ class Source:
 
     def run(self) -> MigrationStats:
         """Migrate; returns the stats or raises MigrationError carrying them as `.stats`."""
+        with gil.quick_handoff():
+            return self._run()
+
+    def _run(self) -> MigrationStats:
         self._t0, self._wall0 = time.monotonic(), time.time()
         self._phase_t = self._t0
         try:
