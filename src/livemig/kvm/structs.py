@@ -57,6 +57,16 @@ class KvmUserspaceMemoryRegion(ctypes.Structure):
                 ("memory_size", c_u64), ("userspace_addr", c_u64)]
 
 
+class KvmCoalescedMmioZone(ctypes.Structure):
+    _fields_ = [("addr", c_u64), ("size", c_u32), ("pio", c_u32)]
+
+
+class KvmCoalescedMmio(ctypes.Structure):
+    """One entry of the coalesced ring: a guest write KVM kept instead of exiting."""
+
+    _fields_ = [("phys_addr", c_u64), ("len", c_u32), ("pio", c_u32), ("data", c_u8 * 8)]
+
+
 class KvmDirtyLog(ctypes.Structure):
     _fields_ = [("slot", c_u32), ("padding", c_u32), ("dirty_bitmap", c_u64)]
 

@@ -116,6 +116,13 @@ class Vm:
     def create_irqchip(self) -> None:
         _check("KVM_CREATE_IRQCHIP", *K.raw_ioctl(self.fd, K.KVM_CREATE_IRQCHIP, None))
 
+    def register_coalesced_pio(self, port: int, size: int) -> None:
+        """Guest writes to ports port..port+size-1 go into the coalesced ring without an exit
+        (KVM_CAP_COALESCED_PIO); reads still exit."""
+        zone = S.KvmCoalescedMmioZone(port, size, 1)
+        _check("KVM_REGISTER_COALESCED_MMIO (pio)",
+               *K.raw_ioctl(self.fd, K.KVM_REGISTER_COALESCED_MMIO, zone))
+
     def create_pit2(self) -> None:
         # KVM_PIT_SPEAKER_DUMMY: the kernel also answers port 0x61 (gate and output of
         # channel 2), which guests use to calibrate their clocks.
@@ -182,6 +189,12 @@ class Vcpu:
         """KVM_RUN; returns 0 or the errno (EINTR when kicked)."""
         ret, err = K.raw_ioctl(self.fd, K.KVM_RUN, None)
         return err if ret < 0 else 0
+
+    def page_address(self, page: int) -> int:
+        """Address of page `page` of this vCPU's mapping (the coalesced ring is one of them)."""
+        if not 0 <= page < self.vm.kvm.vcpu_mmap_size // mmap.PAGESIZE:
+            raise KvmError("vCPU mapping", errno.EINVAL, f"no page {page}")
+        return self.run_base + page * mmap.PAGESIZE
 
     def io_data(self, offset: int, length: int) -> ctypes.Array:
         return (ctypes.c_uint8 * length).from_address(self.run_base + offset)

@@ -18,6 +18,7 @@ from livemig.contract import (
 )
 from livemig.kvm import Kvm, KvmError
 from livemig.machine import cpu, multiboot
+from livemig.machine.coalesced import CoalescedPorts
 from livemig.machine.memory import GuestRam
 from livemig.machine.pci import PciBus
 from livemig.machine.tap import Tap, parse_mac
@@ -100,13 +101,16 @@ class KvmMachine:
                 v = self.vm.create_vcpu(i)
                 v.set_cpuid(cpu.cpuid_for(supported, i))
                 self.vcpus.append(v)
+            self.coalesced = CoalescedPorts(self.kvm, self.vm, self.vcpus[0],
+                                            [(self.uart.base, 1)], self._port_out)
             self._msrs = cpu.migratable_msrs(self.kvm, self.vcpus[0])
             self._blob_sizes = cpu.blob_sizes(self.kvm)
         except KvmError as e:
             self.memory.close()
             raise MachineError(str(e)) from e
         bus = PortBus(self._port_out, self._port_in, self._mmio)
-        self.threads = [VcpuThread(v, bus, self._fatal) for v in self.vcpus]
+        self.threads = [VcpuThread(v, bus, self._fatal, self.coalesced.drain)
+                        for v in self.vcpus]
 
     @property
     def cpu_model(self) -> str:
@@ -179,6 +183,7 @@ class KvmMachine:
             cpu.set_multiboot_entry(self.vcpus[0], image.entry, image.info_addr,
                                     multiboot.BOOT_MAGIC)
         self._started = True
+        self.coalesced.start()
         for t in self.threads:
             t.start(paused=False)
         self._running = True
@@ -192,6 +197,7 @@ class KvmMachine:
             t.pause()
         for t in self.threads:
             t.wait_parked()
+        self.coalesced.drain()  # what a vCPU wrote before it parked
         for nic in self.nics:
             nic.pause()
         self.uart.flush()
@@ -230,6 +236,7 @@ class KvmMachine:
         self._throttle = 0.0
         for t in self.threads:
             t.stop()
+        self.coalesced.stop()
         self.uart.flush()
         self._running = False
         self.stopped.set()

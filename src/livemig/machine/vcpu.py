@@ -48,10 +48,12 @@ class PortBus:
 class VcpuThread:
     """Runs one vCPU; `pause()`/`release()` park it, `stop()` ends it."""
 
-    def __init__(self, vcpu: Vcpu, bus: PortBus, on_fatal: Callable[[str], None]) -> None:
+    def __init__(self, vcpu: Vcpu, bus: PortBus, on_fatal: Callable[[str], None],
+                 drain: Callable[[], None] = lambda: None) -> None:
         self.vcpu = vcpu
         self.bus = bus
         self.on_fatal = on_fatal
+        self.drain = drain  # writes KVM kept without an exit (coalesced.py), due first
         self.throttle = 0.0
         self._cond = threading.Condition()
         self._want_pause = True
@@ -120,6 +122,7 @@ class VcpuThread:
         while self._park_if_asked():
             err = self.vcpu.run_once()
             self._io_pending = False  # entering KVM_RUN completed any earlier exit
+            self.drain()
             if err == errno.EAGAIN:  # an AP woke from wait-for-SIPI: enter again
                 continue
             if err == errno.EINTR:
