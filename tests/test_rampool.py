@@ -83,6 +83,15 @@ def test_pool_gives_its_ram_once_to_a_machine_that_fits() -> None:
         os.close(again.fds[0])
     finally:
         pool.close()
+    pool.refill()  # closed: nothing is made again
+    assert pool.take(8 * MiB) is None
+
+
+def test_a_closed_pool_frees_what_a_fill_still_made() -> None:
+    pool = RamPool(4 * MiB)
+    pool.close()
+    pool.fill()  # a refill that ran on while the listener closed the pool
+    assert pool.take(4 * MiB) is None
 
 
 def test_prepared_ram_smaller_than_the_machine_is_refused() -> None:

@@ -10,13 +10,13 @@ zero-filled RAM file (huge pages where `hugeshm` can make them), every page popu
 A pre-copy or stop-and-copy migration of a machine with at most SIZE bytes of RAM takes it
 (trimmed to the machine's size); post-copy does not (userfaultfd needs RAM that starts as
 holes), nor does a handover or a template clone (their RAM exists already). A migration that
-took it and failed leaves it written: `refill()` makes a new one in the background.
+took it and failed leaves it written: `refill()` makes a new one in the background. Once a
+machine has arrived the listener takes no other, and `close()` gives back what was not taken.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import threading
@@ -24,11 +24,7 @@ import time
 
 from livemig.contract import BackingKind, MemoryBacking
 from livemig.hugeshm import HugeUnavailable, open_huge
-
-MADV_POPULATE_WRITE = 23
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
+from livemig.memfd import populate_pages
 
 
 class PoolError(OSError):
@@ -44,15 +40,15 @@ def make_populated(size: int) -> tuple[int, bool]:
         os.ftruncate(fd, size)
     try:
         m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        anchor = ctypes.c_char.from_buffer(m)
         try:
-            anchor = ctypes.c_char.from_buffer(m)
-            rc = _libc.madvise(ctypes.addressof(anchor), size, MADV_POPULATE_WRITE)
-            err = ctypes.get_errno()
-            del anchor
+            populate_pages(ctypes.addressof(anchor), size)
+        except OSError as e:
+            raise PoolError(e.errno, f"populating {size >> 20} MiB of RAM: "
+                                     f"{os.strerror(e.errno or 0)}") from e
         finally:
+            del anchor
             m.close()
-        if rc != 0:
-            raise PoolError(err, f"populating {size >> 20} MiB of RAM: {os.strerror(err)}")
     except BaseException:
         os.close(fd)
         raise
@@ -67,15 +63,19 @@ class RamPool:
         self.huge = False
         self.fill_s = 0.0  # how long the last fill took
         self._fd: int | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._filler: threading.Thread | None = None
 
     def fill(self) -> None:
-        """Make the RAM file now (PoolError when the host cannot give it)."""
+        """Make the RAM file now (PoolError when the host cannot give it); a pool closed
+        meanwhile frees it at once."""
         t0 = time.monotonic()
         fd, huge = make_populated(self.size)
+        old: int | None = fd  # a pool closed meanwhile keeps nothing
         with self._lock:
-            old, self._fd, self.huge = self._fd, fd, huge
+            if not self._closed:
+                old, self._fd, self.huge = self._fd, fd, huge
         self.fill_s = time.monotonic() - t0
         if old is not None:
             os.close(old)
@@ -84,7 +84,8 @@ class RamPool:
         """Make a new RAM file in the background if the last one was taken (best effort: a
         host that cannot give it now leaves the pool empty, and migrations allocate as they go)."""
         with self._lock:
-            if self._fd is not None or (self._filler is not None and self._filler.is_alive()):
+            if self._closed or self._fd is not None or (
+                    self._filler is not None and self._filler.is_alive()):
                 return
             self._filler = threading.Thread(target=self._refill, name="ram-pool", daemon=True)
             self._filler.start()
@@ -105,8 +106,8 @@ class RamPool:
         return MemoryBacking(BackingKind.PREPARED, (fd,))
 
     def close(self) -> None:
-        """Free the RAM not taken."""
+        """Free the RAM not taken, and any a refill is still making."""
         with self._lock:
-            fd, self._fd = self._fd, None
+            fd, self._fd, self._closed = self._fd, None, True
         if fd is not None:
             os.close(fd)

@@ -65,10 +65,11 @@ def _ram_pool(size: int | None) -> RamPool | None:
     """The RAM of `listen --prealloc`, allocated now; BadInput when the host cannot give it."""
     if size is None:
         return None
+    if size <= 0:
+        raise BadInput("--prealloc must be positive")
     avail = host_available_bytes()
-    if size <= 0 or size > avail:
-        raise BadInput(f"--prealloc {size >> 20} MiB: this host can give "
-                       f"{avail >> 20} MiB" if size > 0 else "--prealloc must be positive")
+    if size > avail:
+        raise BadInput(f"--prealloc {size >> 20} MiB: this host can give {avail >> 20} MiB")
     pool = RamPool(size)
     try:
         pool.fill()

@@ -277,6 +277,8 @@ class Listener:
                 self.results.put(Incoming(peer, None, e.stats or dest.stats, e))
                 return
             self.accepting_machines = False
+            if self.ram_pool is not None:
+                self.ram_pool.close()  # no other machine comes: what it did not take goes back
             self.results.put(Incoming(peer, machine, stats))
         except MigrationError as e:
             self.results.put(Incoming(peer, None, MigrationStats(status="failed"), e))

@@ -10,17 +10,12 @@ source never used stays unallocated, so the destination's footprint matches the 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 from livemig.contract import PAGE_SIZE
+from livemig.memfd import populate_pages
 
-MADV_POPULATE_WRITE = 23
 CHUNK = 2 << 20  # bytes populated per call: small enough to stop promptly
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 
 
 class Prefaulter:
@@ -43,7 +38,9 @@ class Prefaulter:
                 if self._stop.is_set():
                     return
                 n = min(CHUNK, end - a)
-                if _libc.madvise(self._base + a, n, MADV_POPULATE_WRITE) != 0:
+                try:
+                    populate_pages(self._base + a, n)
+                except OSError:
                     return  # an older kernel: the receive path takes the faults itself
                 self.populated_bytes += n
 
