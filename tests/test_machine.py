@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -132,7 +133,9 @@ def test_uart_output_arrives_whole_and_in_order_without_an_exit_per_byte(boot) -
              "the last heartbeat's line on the console while the guest runs")
     m.pause()
     text = b"".join(m.console).decode()
-    printed = [int(line.split()[-1]) for line in text.splitlines() if " hb " in line]
+    printed = [int(n) for n in re.findall(r"hotset hb (\d+)\r\n", text)]
     reported = [e.value for e in m.probe.events(ProbeKind.HEARTBEAT)]
-    assert printed == reported  # every line, in order, as the probe saw the beats
+    # The guest reports a beat to the probe before it prints the line, so the pause may fall
+    # between the two: the last beat's line may be missing or cut short, never any other.
+    assert printed in (reported, reported[:-1])  # every line, in order, as the probe saw them
     assert sum(t.exits for t in m.threads) < len(text) // 2
