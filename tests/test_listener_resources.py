@@ -339,7 +339,7 @@ def test_idle_and_slow_connections_do_not_hold_the_listener(dest: Dest, machines
     """`idle` connections that send nothing and one that sends a byte a second are open
     when a real migration of a `verify` guest comes: it completes, and the listener closes
     the idle and slow ones within its hello deadline."""
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M"], "src")
+    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=500"], "src")
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
     opened = time.monotonic()
     idlers = [socket.create_connection(("127.0.0.1", dest.port)) for _ in range(idle)]
