@@ -218,6 +218,11 @@ class PageServer:
     def push(self, main: Channel, stop: threading.Event, check: Callable[[], None]) -> None:
         """Push every page owed and not yet sent on `main`; returns when none is left.
         `check` raises when the return path broke (the pushes alone would not notice)."""
+
+        def woken() -> bool:  # during the cap's sleep: the link broke, or no push is needed
+            check()
+            return stop.is_set()
+
         while not stop.is_set():
             check()
             b = self.next_push()
@@ -228,4 +233,4 @@ class PageServer:
             finally:
                 self._push_enc.release(b)
             self.counts.add(b.pages, 0, n)
-            self.limiter.spent(n)
+            self.limiter.spent(n, woken)

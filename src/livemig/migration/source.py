@@ -480,7 +480,12 @@ class Source:
             rs.add(name, count)
             self.stats.codec_bytes[name] = (self.stats.codec_bytes.get(name, 0)
                                             + b.bytes_by_codec[name])
-        self.limiter.spent(n)
+        self.limiter.spent(n, self._cap_wake)
+
+    def _cap_wake(self) -> bool:
+        """While --max-bandwidth holds a batch back: raise on a cancel or a broken link."""
+        self.check()
+        return False
 
     def _send_batch(self, b: EncodedBatch) -> int:
         """One PAGES record: on the main channel, or queued on its page stream."""
