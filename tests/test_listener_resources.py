@@ -28,7 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AUTH, KEY_FILE, LIVEMIG, ROOT, image, needs_kvm, run_cli, wait_for
+from conftest import (
+    AUTH,
+    KEY_FILE,
+    LIVEMIG,
+    ROOT,
+    image,
+    needs_kvm,
+    run_cli,
+    running_verify,
+    wait_for,
+)
 from memmachine import MemoryMachine
 
 from livemig.contract import PAGE_SIZE, Arch, MachineConfig
@@ -339,8 +349,7 @@ def test_idle_and_slow_connections_do_not_hold_the_listener(dest: Dest, machines
     """`idle` connections that send nothing and one that sends a byte a second are open
     when a real migration of a `verify` guest comes: it completes, and the listener closes
     the idle and slow ones within its hello deadline."""
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=500"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    src = running_verify(machines)
     opened = time.monotonic()
     idlers = [socket.create_connection(("127.0.0.1", dest.port)) for _ in range(idle)]
     slow_closed: list[float] = []

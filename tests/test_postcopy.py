@@ -18,6 +18,7 @@ from conftest import (
     migrate_verify_guest,
     needs_kvm,
     run_cli,
+    running_verify,
     wait_for,
 )
 from linkproxy import LinkProxy
@@ -140,8 +141,7 @@ def test_failure_before_commit_leaves_source_running(machines, tmp_path: Path, h
     """Before COMMIT a post-copy or hybrid migration fails like any other: the source resumes.
     Refused: wrong credentials at the destination. Cancelled and destination killed: during
     hybrid's pre-copy rounds, slowed so that they are still going on."""
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=500"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    src = running_verify(machines)
     dst = Listener(tmp_path, auth=["--insecure"] if how == "refused" else None)
     flags = (["--mode", "postcopy"] if how == "refused" else
              ["--mode", "hybrid", "--postcopy-after", "5", "--max-bandwidth", "512K"])
@@ -190,8 +190,7 @@ def test_fault_path_in_c(machines, tmp_path: Path, mode: str) -> None:
 
 def test_start_postcopy_by_hand(machines, tmp_path: Path) -> None:
     """`livemig ctl SOCK migrate-start-postcopy` switches a hybrid migration in its rounds."""
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=500"], "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
+    src = running_verify(machines)
     dst = Listener(tmp_path)
     mig = subprocess.Popen([*LIVEMIG, "migrate", src.control, "--to", f"127.0.0.1:{dst.port}",
                             *AUTH, "--mode", "hybrid", "--max-bandwidth", "1M", "--json"],

@@ -19,9 +19,9 @@ from conftest import (
     KEY_FILE,
     Listener,
     MachineProcess,
-    image,
     needs_kvm,
     run_cli,
+    running_verify,
     wait_for,
 )
 from test_control import as_other_user, needs_root
@@ -35,10 +35,7 @@ pytestmark = needs_kvm
 
 @pytest.fixture
 def source(machines) -> MachineProcess:
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=1000"],
-                   "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
-    return src
+    return running_verify(machines)
 
 
 @pytest.fixture(scope="module")

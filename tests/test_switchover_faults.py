@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AUTH, KEY_FILE, LIVEMIG, ROOT, MachineProcess, image, needs_kvm, wait_for
+from conftest import (
+    AUTH,
+    KEY_FILE,
+    LIVEMIG,
+    ROOT,
+    MachineProcess,
+    needs_kvm,
+    running_verify,
+    wait_for,
+)
 from test_migrate_failures import assert_source_healthy, final_status
 
 from livemig.control import ControlError
@@ -264,10 +273,7 @@ class StateWatch:
 
 @pytest.fixture
 def source(machines: Any) -> MachineProcess:
-    src = machines(["run", image("verify"), "--mem", "256M", "--append", "wss=4M rate=1000"],
-                   "src")
-    wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
-    return src
+    return running_verify(machines)
 
 
 @pytest.fixture
