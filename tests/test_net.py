@@ -251,9 +251,9 @@ def test_soft_net_migration_loses_no_request(lab: netlab.Lab,
     m = serve(machines, lab)
     load = subprocess.Popen([*lab.exec("cli"), sys.executable, "-m",
                              "livemig.bench.netclient", lab.guest_ip, "--rate", "500",
-                             "--duration", "8"], stdout=subprocess.PIPE, text=True,
+                             "--duration", "5"], stdout=subprocess.PIPE, text=True,
                             cwd=ROOT, env=_env())
-    time.sleep(3)
+    time.sleep(2)  # the load under way (past the client's warm-up) when the move starts
     res = run_cli("migrate", m.control, "--to", f"{lab.dst_ip}:{listener.port}", *AUTH,
                   "--mode", mode, "--json", timeout=120)
     out, _ = load.communicate(timeout=120)
@@ -261,9 +261,9 @@ def test_soft_net_migration_loses_no_request(lab: netlab.Lab,
     assert res.returncode == 0 and stats["status"] == "completed", res.stderr
     assert stats["net"]["ended"] in ("idle", "bound"), stats["net"]
     r = json.loads(out)
-    assert r["sent"] == 4000 and r["lost"] == 0 and r["duplicates"] == 0, r
+    assert r["sent"] == 2500 and r["lost"] == 0 and r["duplicates"] == 0, r
     assert r["wrong_values"] == 0 and r["served_regressions"] == 0, r
-    assert r["readback_checked"] == 2000 and r["readback_wrong"] == 0, r
+    assert r["readback_checked"] == 1250 and r["readback_wrong"] == 0, r
 
 
 @needs_kvm

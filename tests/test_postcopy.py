@@ -162,11 +162,11 @@ def test_failure_before_commit_leaves_source_running(machines, tmp_path: Path, h
 
 
 def test_fault_is_served_ahead_of_the_push_queue(machines, tmp_path: Path) -> None:
-    """With pushes slowed to 256 KiB/s the queue of pages to push is long (over 1000 pages,
+    """With pushes slowed to 512 KiB/s the queue of pages to push is long (over 1000 pages,
     seconds of sending); pages the guest faults on are still served from it at once, on the
     urgent connection, rather than when the push would have reached them."""
     stats = migrate_verify_guest(machines, tmp_path, "--mode", "postcopy",
-                                 "--max-bandwidth", "256K")
+                                 "--max-bandwidth", "512K")
     f = stats["faults"]
     assert f["pulled"] > 0 and f["pulled_ahead"] > 0, f
     assert f["queue_at_pull"] > 500, f
