@@ -302,6 +302,3 @@ def _emit(result: dict[str, Any], as_json: bool, json_file: str | None, table: A
     else:
         table(result)
 
-
-def add_commands(cli: click.Group) -> None:
-    cli.add_command(bench)

@@ -127,6 +127,3 @@ def demo(arch: str, mem: str | None, vcpus: int, wss: str | None, netns: bool,
     else:
         run_demo(mem, vcpus, wss, False, migrate_args, a)
 
-
-def add_commands(cli: click.Group) -> None:
-    cli.add_command(demo)

@@ -11,13 +11,12 @@ import click
 
 from livemig import snapshot
 from livemig.cli import (
-    bench_cmds,
     credential_cmds,
-    demo,
     migrate_cmds,
     netlab_cmds,
     template_cmds,
 )
+from livemig.cli.lazygroup import LazyGroup
 from livemig.cli.options import (
     ARCH,
     CONTROL_HELP,
@@ -39,7 +38,8 @@ EXIT_USAGE = 2
 __all__ = ["cli", "main", "serve_machine"]  # serve_machine: kept importable from here
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={"bench": "livemig.cli.bench_cmds:bench",
+                                  "demo": "livemig.cli.demo:demo"})
 def cli() -> None:
     """livemig: run machines and move them between hosts while they run."""
 
@@ -137,7 +137,7 @@ def restore(file: str, console: str, control: str | None, nets: tuple[NetSpec, .
     host_machine(machine, control, close, lambda m: None)
 
 
-for _module in (migrate_cmds, demo, bench_cmds, credential_cmds, netlab_cmds, template_cmds):
+for _module in (migrate_cmds, credential_cmds, netlab_cmds, template_cmds):
     _module.add_commands(cli)
 
 
