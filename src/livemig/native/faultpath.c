@@ -172,13 +172,16 @@ static int answer(Server *s, const uint64_t *idx, size_t n) {
     s->iov[1] = (struct iovec){meta, m};
     for (size_t i = 0; i < n; i++)
         s->iov[2 + i] = (struct iovec){(void *)(s->ram + idx[i] * PAGE), PAGE};
-    int rc = write_all(s->sock, s->stop_fd, s->iov, (int)n + 2);
-    if (rc) return rc;
+    /* Marked before the write, as Python's path does: the peer may act on the pages (and a
+     * reader of `sent` look) as soon as they are out; a failed write ends the connection,
+     * and a recovery clears `sent` anyway. */
     int64_t ahead = 0;
     for (size_t i = 0; i < n; i++) {
         if (s->owed[idx[i]] && !s->sent[idx[i]]) ahead++;
         s->sent[idx[i]] = 1;
     }
+    int rc = write_all(s->sock, s->stop_fd, s->iov, (int)n + 2);
+    if (rc) return rc;
     int64_t queued = __atomic_load_n(&s->count[S_QUEUED], __ATOMIC_RELAXED);
     if (queued > __atomic_load_n(&s->count[S_QUEUE_MAX], __ATOMIC_RELAXED))
         __atomic_store_n(&s->count[S_QUEUE_MAX], queued, __ATOMIC_RELAXED);
