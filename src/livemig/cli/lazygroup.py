@@ -8,6 +8,7 @@ a quarter of a second of start-up that a machine or a `ctl` call never uses.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -15,9 +16,8 @@ import click
 class LazyGroup(click.Group):
     """A group that also lists `lazy` commands: name -> "module:attribute", imported on use."""
 
-    def __init__(self, *args: object, lazy: dict[str, str] | None = None,
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.lazy = dict(lazy or {})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
