@@ -126,10 +126,9 @@ def machines(tmp_path: Path) -> Iterator[Callable[..., MachineProcess]]:
 VERIFY_QUICK = "wss=4M rate=500"
 
 
-def running_verify(machines: Callable[..., MachineProcess], *args: str,
-                   cmdline: str = VERIFY_QUICK) -> MachineProcess:
-    """A `verify` machine process named `src` (256M; `args` add options) once it has passed."""
-    src = machines(["run", image("verify"), "--mem", "256M", *args, "--append", cmdline], "src")
+def running_verify(machines: Callable[..., MachineProcess]) -> MachineProcess:
+    """A `verify` machine process named `src` (256M, one vCPU) once it has passed once."""
+    src = machines(["run", image("verify"), "--mem", "256M", "--append", VERIFY_QUICK], "src")
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
     return src
 
