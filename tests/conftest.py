@@ -127,7 +127,7 @@ VERIFY_QUICK = "wss=4M rate=500"
 
 
 def running_verify(machines: Callable[..., MachineProcess]) -> MachineProcess:
-    """A `verify` machine process named `src` (256M, one vCPU) once it has passed once."""
+    """A `verify` machine process named `src` (256M, one vCPU), after its first clean pass."""
     src = machines(["run", image("verify"), "--mem", "256M", "--append", VERIFY_QUICK], "src")
     wait_for(lambda: src.ctl("status")["probe"]["counts"]["ok"] >= 1, 30, "a first verify pass")
     return src

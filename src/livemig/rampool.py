@@ -16,7 +16,6 @@ machine has arrived the listener takes no other, and `close()` gives back what w
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import threading
@@ -25,6 +24,7 @@ import time
 from livemig.contract import BackingKind, MemoryBacking
 from livemig.hugeshm import HugeUnavailable, open_huge
 from livemig.memfd import populate_pages
+from livemig.ram import host_address
 
 
 class PoolError(OSError):
@@ -40,14 +40,12 @@ def make_populated(size: int) -> tuple[int, bool]:
         os.ftruncate(fd, size)
     try:
         m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        anchor = ctypes.c_char.from_buffer(m)
         try:
-            populate_pages(ctypes.addressof(anchor), size)
+            populate_pages(host_address(m), size)
         except OSError as e:
             raise PoolError(e.errno, f"populating {size >> 20} MiB of RAM: "
                                      f"{os.strerror(e.errno or 0)}") from e
         finally:
-            del anchor
             m.close()
     except BaseException:
         os.close(fd)
